@@ -1,0 +1,1 @@
+"""The governance REST API: app factory, auth, error mapping, routers."""

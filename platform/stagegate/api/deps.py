@@ -1,0 +1,81 @@
+"""Request dependencies: the database session, the caller, and role checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from stagegate.errors import PermissionDenied, StagegateError
+from stagegate.events.sink import EventSink
+from stagegate.governance.tokens import Principal, authenticate
+from stagegate.lifecycle.stages import Role
+from stagegate.settings import Settings
+
+
+class Unauthenticated(StagegateError):
+    code = "unauthenticated"
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sink: EventSink
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.stagegate
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    # Routes that write commit explicitly, before answering; anything else is rolled back.
+    with Session(state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API token from `stagegate token create`.")
+
+
+def current_principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise Unauthenticated("missing bearer token")
+    principal = authenticate(session, credentials.credentials)
+    if principal is None:
+        raise Unauthenticated("invalid or revoked token")
+    return principal
+
+
+def require(*roles: Role) -> Callable[[Principal], Principal]:
+    """A dependency that lets only the given roles through (403 otherwise)."""
+    allowed = frozenset(roles)
+
+    def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+        if principal.role not in allowed:
+            names = ", ".join(sorted(allowed))
+            raise PermissionDenied(f"role {principal.role} may not do this (needs {names})")
+        return principal
+
+    check.__stagegate_authz__ = True  # type: ignore[attr-defined]  # found by the route audit
+    return check
+
+
+ANYONE = (Role.viewer, Role.author, Role.approver, Role.admin, Role.service)
+Viewer = Annotated[Principal, Depends(require(*ANYONE))]
+Requester = Annotated[Principal, Depends(require(Role.author, Role.admin, Role.service))]
+Decider = Annotated[Principal, Depends(require(Role.approver, Role.admin, Role.author))]
+Admin = Annotated[Principal, Depends(require(Role.admin))]

@@ -1,0 +1,62 @@
+"""Turn governance rows into response bodies."""
+
+from __future__ import annotations
+
+from sqlmodel import Session
+
+from stagegate.api import schemas
+from stagegate.governance import lineage, transitions, versions
+from stagegate.governance.models import Approval, Deployment, ModelVersion, Transition
+
+
+def approval(a: Approval) -> schemas.ApprovalPublic:
+    return schemas.ApprovalPublic.model_validate(a, from_attributes=True)
+
+
+def transition(session: Session, t: Transition) -> schemas.TransitionPublic:
+    return schemas.TransitionPublic(
+        id=t.id,
+        model=t.model_name,
+        version=t.version,
+        from_stage=t.from_stage,
+        to_stage=t.to_stage,
+        reason=t.reason,
+        status=t.status,
+        status_reason=t.status_reason,
+        requested_by=t.requested_by,
+        created_at=t.created_at,
+        decided_at=t.decided_at,
+        applied_at=t.applied_at,
+        gates=[schemas.GateResultPublic.model_validate(g) for g in t.gate_results],
+        approvals=[approval(a) for a in transitions.approvals_of(session, t.id)],
+    )
+
+
+def version(session: Session, v: ModelVersion) -> schemas.VersionPublic:
+    return schemas.VersionPublic(
+        model=v.model_name,
+        version=v.version,
+        stage=v.stage,
+        run_id=v.run_id,
+        source=v.source,
+        creator=v.creator,
+        digest=v.digest,
+        code_commit=v.code_commit,
+        metrics=v.metrics,
+        params=v.params,
+        registered_at=v.registered_at,
+        stage_changed_at=v.stage_changed_at,
+        datasets=[schemas.DatasetPublic.model_validate(d) for d in lineage.datasets_of(session, v)],
+        depends_on=[
+            schemas.VersionRefPublic(
+                model=name,
+                version=number,
+                stage=(up.stage if (up := versions.find_version(session, name, number)) else None),
+            )
+            for name, number in lineage.upstream_of(session, v)
+        ],
+    )
+
+
+def deployment(d: Deployment) -> schemas.DeploymentPublic:
+    return schemas.DeploymentPublic.model_validate(d, from_attributes=True)

@@ -1,0 +1,1 @@
+"""HTTP routers: thin, they call governance services and shape responses."""

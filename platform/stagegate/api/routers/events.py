@@ -1,0 +1,97 @@
+"""The MLflow webhook receiver: verify, accept each delivery once, emit a Prefect event."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, status
+
+from stagegate.api import schemas
+from stagegate.api.deps import SessionDep, StateDep
+from stagegate.errors import InvalidInput
+from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
+from stagegate.events.sink import OutEvent, model_resource
+from stagegate.governance.deliveries import accept_once
+
+router = APIRouter(prefix="/api/v1/events", tags=["events"])
+
+MAX_BODY = 256 * 1024
+
+
+async def signed_delivery(request: Request, state: StateDep) -> tuple[DeliveryHeaders, bytes]:
+    """The webhook's authorization: an HMAC signature instead of a bearer token."""
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise InvalidInput(f"body over {MAX_BODY} bytes")
+    headers = parse_headers({k.lower(): v for k, v in request.headers.items()})
+    verify(
+        state.settings.webhook.secret,
+        headers,
+        body,
+        now=time.time(),
+        max_skew_s=state.settings.webhook.max_skew_s,
+    )
+    return headers, body
+
+
+signed_delivery.__stagegate_authz__ = True  # type: ignore[attr-defined]
+
+
+def _parse(body: bytes) -> tuple[str, str, dict[str, Any]]:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise InvalidInput("body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("body must be a JSON object")
+    entity, action, data = doc.get("entity"), doc.get("action"), doc.get("data")
+    if not isinstance(entity, str) or not isinstance(action, str) or not isinstance(data, dict):
+        raise InvalidInput("body needs string `entity`, `action` and object `data`")
+    if not (entity.replace("_", "").isalnum() and action.replace("_", "").isalnum()):
+        raise InvalidInput("`entity` and `action` must be identifiers")
+    return entity, action, data
+
+
+@router.post("/mlflow", status_code=status.HTTP_202_ACCEPTED)
+def mlflow_webhook(
+    session: SessionDep,
+    state: StateDep,
+    delivery: Annotated[tuple[DeliveryHeaders, bytes], Depends(signed_delivery)],
+) -> schemas.WebhookAccepted:
+    """Turn a verified registry delivery into the Prefect event `mlflow.<entity>.<action>`.
+
+    Only names and version numbers travel on; flows re-read everything else from the
+    registry, so nothing in the body (a `source` URI, say) is ever fetched.
+    """
+    headers, body = delivery
+    entity, action, data = _parse(body)
+    name = data.get("name")
+    raw_version = data.get("version")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("`data.name` is required")
+    version: int | None = None
+    if raw_version is not None:
+        try:
+            version = int(raw_version)
+        except (TypeError, ValueError):
+            raise InvalidInput("`data.version` must be an integer") from None
+    event_name = f"mlflow.{entity}.{action}"
+    accept_once(
+        session,
+        delivery_id=headers.delivery_id,
+        entity=entity,
+        action=action,
+        summary={"model": name, "version": version},
+    )
+    # Emit before commit: if Prefect is down we answer 503, record nothing, and MLflow retries.
+    state.sink.emit(
+        OutEvent(
+            event=event_name,
+            resource=model_resource(name, version, **{"mlflow.delivery_id": headers.delivery_id}),
+            payload={"entity": entity, "action": action, "delivery_id": headers.delivery_id},
+        )
+    )
+    session.commit()
+    return schemas.WebhookAccepted(delivery_id=headers.delivery_id, event=event_name, emitted=True)

@@ -1,0 +1,18 @@
+"""Liveness and readiness: public, so probes need no token; they reveal nothing else."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from stagegate.api.deps import SessionDep
+
+router = APIRouter(prefix="/api", tags=["health"])
+
+PUBLIC_PATHS = frozenset({"/api/health"})
+
+
+@router.get("/health")
+def health(session: SessionDep) -> dict[str, str]:
+    session.execute(text("SELECT 1"))
+    return {"status": "ok"}

@@ -1,0 +1,135 @@
+"""Models, versions, lineage and policies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from stagegate.api import present, schemas
+from stagegate.api.deps import Admin, SessionDep, Viewer
+from stagegate.db import utcnow
+from stagegate.errors import InvalidInput
+from stagegate.governance import lineage, policies, versions
+from stagegate.lifecycle.policy import Policy
+from stagegate.lifecycle.stages import Stage
+
+router = APIRouter(prefix="/api/v1/models", tags=["models"])
+
+ModelName = Annotated[str, Path(min_length=1, max_length=128)]
+VersionNo = Annotated[int, Path(ge=1)]
+
+
+@router.get("")
+def list_models(
+    session: SessionDep,
+    _: Viewer,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
+) -> schemas.ModelsPublic:
+    rows, total = versions.list_models(session, offset=offset, limit=limit)
+    data = []
+    for m in rows:
+        vs = versions.list_versions(session, m.name)
+        champion = next((v.version for v in vs if v.stage is Stage.production), None)
+        data.append(
+            schemas.ModelPublic(
+                name=m.name,
+                created_at=m.created_at,
+                champion=champion,
+                versions=[
+                    schemas.VersionSummary(
+                        version=v.version, stage=v.stage, stage_changed_at=v.stage_changed_at
+                    )
+                    for v in vs
+                ],
+            )
+        )
+    return schemas.ModelsPublic(data=data, count=total)
+
+
+@router.get("/{name}/versions/{version}")
+def get_version(
+    session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
+) -> schemas.VersionPublic:
+    return present.version(session, versions.get_version(session, name, version))
+
+
+@router.get("/{name}/versions/{version}/lineage")
+def get_lineage(
+    session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
+) -> schemas.LineagePublic:
+    row = versions.get_version(session, name, version)
+    ts, _approvals, deps = lineage.history_of(session, row)
+    return schemas.LineagePublic(
+        version=present.version(session, row),
+        transitions=[present.transition(session, t) for t in ts],
+        deployments=[present.deployment(d) for d in deps],
+        consumers=[
+            schemas.VersionRefPublic(model=c.model_name, version=c.version, stage=c.stage)
+            for c in lineage.consumers_of(session, name, version)
+        ],
+    )
+
+
+@router.get("/{name}/versions/{version}/consumers")
+def get_consumers(
+    session: SessionDep,
+    _: Viewer,
+    name: ModelName,
+    version: VersionNo,
+    production_only: bool = False,
+) -> list[schemas.VersionRefPublic]:
+    """Versions that declared this one upstream (`stagegate.depends_on`)."""
+    return [
+        schemas.VersionRefPublic(model=c.model_name, version=c.version, stage=c.stage)
+        for c in lineage.consumers_of(session, name, version, production_only=production_only)
+    ]
+
+
+@router.get("/{name}/production")
+def production_at(
+    session: SessionDep,
+    _: Viewer,
+    name: ModelName,
+    at: Annotated[datetime | None, Query(description="ISO-8601 instant; default now")] = None,
+) -> schemas.ProductionPublic:
+    """Which version served production at `at`, who approved it, and when."""
+    if at is not None and at.tzinfo is None:
+        raise InvalidInput("`at` needs a timezone, e.g. 2026-11-27T10:00:00Z")
+    when = at or utcnow()
+    found = lineage.production_at(session, name, when)
+    if found is None:
+        return schemas.ProductionPublic(model=name, at=when, version=None)
+    return schemas.ProductionPublic(
+        model=name,
+        at=when,
+        version=found.version.version,
+        since=found.deployment.started_at,
+        until=found.deployment.ended_at,
+        digest=found.version.digest,
+        run_id=found.version.run_id,
+        transition=present.transition(session, found.transition),
+        approved_by=[present.approval(a) for a in found.approvals],
+        datasets=[
+            schemas.DatasetPublic.model_validate(d)
+            for d in lineage.datasets_of(session, found.version)
+        ],
+    )
+
+
+@router.get("/{name}/policy")
+def get_policy(session: SessionDep, _: Viewer, name: ModelName) -> Policy:
+    versions.get_model(session, name)
+    return policies.get_policy(session, name)
+
+
+@router.put("/{name}/policy")
+def put_policy(session: SessionDep, admin: Admin, name: ModelName, body: Policy) -> Policy:
+    """Replace the model's gate policy (admin). Applies to decisions taken from now on."""
+    if name != policies.DEFAULT_KEY:
+        versions.get_model(session, name)
+    policies.set_policy(session, name, body, actor=admin.name)
+    session.commit()
+    return body

@@ -1,0 +1,82 @@
+"""Transitions and their approvals."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, status
+
+from stagegate.api import present, schemas
+from stagegate.api.deps import Decider, Requester, SessionDep, StateDep, Viewer
+from stagegate.db import utcnow
+from stagegate.events.announce import announce_if_approved
+from stagegate.governance import transitions
+from stagegate.governance.models import TransitionStatus
+
+router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"])
+
+TransitionId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def request_transition(
+    session: SessionDep, state: StateDep, principal: Requester, body: schemas.TransitionCreate
+) -> schemas.TransitionPublic:
+    t, _created = transitions.request(
+        session,
+        principal=principal,
+        model=body.model,
+        version=body.version,
+        to_stage=body.to_stage,
+        reason=body.reason,
+        now=utcnow(),
+    )
+    session.commit()
+    announce_if_approved(state.sink, t)
+    return present.transition(session, t)
+
+
+@router.get("")
+def list_transitions(
+    session: SessionDep,
+    _: Viewer,
+    model: Annotated[str | None, Query(max_length=128)] = None,
+    status: TransitionStatus | None = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
+) -> schemas.TransitionsPublic:
+    rows = transitions.list_transitions(
+        session, model=model, status=status, offset=offset, limit=limit
+    )
+    return schemas.TransitionsPublic(
+        data=[present.transition(session, t) for t in rows], offset=offset, limit=limit
+    )
+
+
+@router.get("/{transition_id}")
+def get_transition(
+    session: SessionDep, _: Viewer, transition_id: TransitionId
+) -> schemas.TransitionPublic:
+    return present.transition(session, transitions.get_transition(session, transition_id))
+
+
+@router.post("/{transition_id}/approvals", status_code=status.HTTP_201_CREATED)
+def decide(
+    session: SessionDep,
+    state: StateDep,
+    principal: Decider,
+    transition_id: TransitionId,
+    body: schemas.ApprovalCreate,
+) -> schemas.TransitionPublic:
+    """Approve or reject. The gates re-run against the champion of this moment."""
+    t = transitions.decide(
+        session,
+        principal=principal,
+        transition_id=transition_id,
+        decision=body.decision,
+        comment=body.comment,
+        now=utcnow(),
+    )
+    session.commit()
+    announce_if_approved(state.sink, t)
+    return present.transition(session, t)

@@ -1,0 +1,182 @@
+"""Request and response bodies. Create models forbid extra fields (no mass assignment)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stagegate.governance.models import TransitionStatus
+from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
+
+MAX_PAGE = 200
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TransitionCreate(Strict):
+    model: str = Field(min_length=1, max_length=128, description="Registered model name.")
+    version: int = Field(ge=1, description="Model version number.")
+    to_stage: Stage
+    reason: str = Field(min_length=1, max_length=2000, description="Why; kept in the audit log.")
+
+
+class ApprovalCreate(Strict):
+    decision: Literal["approve", "reject"]
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class GateResultPublic(BaseModel):
+    gate: str
+    passed: bool
+    reason: str
+
+
+class ApprovalPublic(BaseModel):
+    id: str
+    transition_id: str
+    approver: str
+    role: Role
+    decision: str
+    comment: str | None
+    digest: str | None
+    created_at: datetime
+
+
+class TransitionPublic(BaseModel):
+    id: str
+    model: str
+    version: int
+    from_stage: Stage
+    to_stage: Stage
+    reason: str
+    status: TransitionStatus
+    status_reason: str | None
+    requested_by: str
+    created_at: datetime
+    decided_at: datetime | None
+    applied_at: datetime | None
+    gates: list[GateResultPublic]
+    approvals: list[ApprovalPublic]
+
+
+class TransitionsPublic(BaseModel):
+    data: list[TransitionPublic]
+    offset: int
+    limit: int
+
+
+class DatasetPublic(BaseModel):
+    name: str
+    source: str
+    digest: str
+    context: str | None
+
+
+class VersionRefPublic(BaseModel):
+    model: str
+    version: int
+    stage: Stage | None = None
+
+
+class VersionPublic(BaseModel):
+    model: str
+    version: int
+    stage: Stage
+    run_id: str | None
+    source: str
+    creator: str | None
+    digest: str | None
+    code_commit: str | None
+    metrics: dict[str, float]
+    params: dict[str, str]
+    registered_at: datetime
+    stage_changed_at: datetime
+    datasets: list[DatasetPublic]
+    depends_on: list[VersionRefPublic]
+
+
+class VersionSummary(BaseModel):
+    version: int
+    stage: Stage
+    stage_changed_at: datetime
+
+
+class ModelPublic(BaseModel):
+    name: str
+    created_at: datetime
+    champion: int | None
+    versions: list[VersionSummary]
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int
+
+
+class DeploymentPublic(BaseModel):
+    version: int
+    role: DeploymentRole
+    backend: str
+    transition_id: str
+    started_at: datetime
+    ended_at: datetime | None
+
+
+class LineagePublic(BaseModel):
+    version: VersionPublic
+    transitions: list[TransitionPublic]
+    deployments: list[DeploymentPublic]
+    consumers: list[VersionRefPublic]
+
+
+class ProductionPublic(BaseModel):
+    model: str
+    at: datetime
+    version: int | None = Field(description="null when no version served production then")
+    since: datetime | None = None
+    until: datetime | None = None
+    digest: str | None = None
+    run_id: str | None = None
+    transition: TransitionPublic | None = None
+    approved_by: list[ApprovalPublic] = Field(default_factory=list)
+    datasets: list[DatasetPublic] = Field(default_factory=list)
+
+
+class AuditEntryPublic(BaseModel):
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    entity_type: str
+    entity_id: str
+    data: dict[str, Any]
+    hash: str
+
+
+class AuditPublic(BaseModel):
+    data: list[AuditEntryPublic]
+    offset: int
+    limit: int
+
+
+class AuditVerifyPublic(BaseModel):
+    ok: bool
+    rows: int
+    first_bad_seq: int | None
+    reason: str | None
+    head_hash: str
+
+
+class WebhookAccepted(BaseModel):
+    delivery_id: str
+    event: str
+    emitted: bool
+
+
+class ErrorPublic(BaseModel):
+    detail: Any
+    code: str

@@ -1,0 +1,1 @@
+"""Registry events in (verified MLflow webhooks), Prefect events out."""

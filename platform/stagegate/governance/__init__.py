@@ -1,0 +1,1 @@
+"""Governance records and services: tokens, versions, transitions, approvals, audit, lineage."""

@@ -1,0 +1,225 @@
+"""SQLModel tables of the governance database. Schemas for the API live in `schemas.py`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import Enum as SAEnum
+from sqlmodel import Field, SQLModel
+
+from stagegate.db import UTCDateTime, utcnow
+from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
+
+
+def _uuid() -> str:
+    return uuid.uuid4().hex
+
+
+def _json(default: Any = None) -> Any:
+    return Field(
+        default_factory=lambda: default() if callable(default) else default,
+        sa_column=Column(JSON, nullable=False),
+    )
+
+
+def _enum(kind: type[StrEnum], default: Any = None, index: bool = False) -> Any:
+    # VARCHAR, not a native enum type: new stages or roles then need no type migration.
+    column: Column[Any] = Column(
+        SAEnum(
+            kind,
+            native_enum=False,
+            create_constraint=False,
+            length=20,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        nullable=False,
+        index=index,
+    )
+    return Field(default=default, sa_column=column)
+
+
+def _ts(nullable: bool = False, index: bool = False) -> Any:
+    if nullable:
+        return Field(default=None, sa_column=Column(UTCDateTime(), nullable=True, index=index))
+    return Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False, index=index)
+    )
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "api_token"
+
+    id: str = Field(default_factory=_uuid, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=100)
+    role: Role = _enum(Role)
+    token_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class RegisteredModel(SQLModel, table=True):
+    __tablename__ = "registered_model"
+
+    name: str = Field(primary_key=True, max_length=128)
+    created_at: datetime = _ts()
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_version"
+    __table_args__ = (UniqueConstraint("model_name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
+    version: int
+    stage: Stage = _enum(Stage, Stage.candidate, index=True)
+    run_id: str | None = Field(default=None, max_length=64)
+    source: str = Field(max_length=2000)
+    creator: str | None = Field(default=None, max_length=200)
+    digest: str | None = Field(default=None, max_length=64)
+    code_commit: str | None = Field(default=None, max_length=64)
+    metrics: dict[str, float] = _json(dict)
+    params: dict[str, str] = _json(dict)
+    registered_at: datetime = _ts()
+    recorded_at: datetime = _ts()
+    stage_changed_at: datetime = _ts()
+
+
+class Dataset(SQLModel, table=True):
+    __tablename__ = "dataset"
+    __table_args__ = (UniqueConstraint("source", "digest"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    source: str = Field(max_length=2000)
+    digest: str = Field(max_length=128)
+
+
+class VersionDataset(SQLModel, table=True):
+    __tablename__ = "version_dataset"
+
+    version_id: int = Field(foreign_key="model_version.id", primary_key=True)
+    dataset_id: int = Field(foreign_key="dataset.id", primary_key=True)
+    context: str | None = Field(default=None, max_length=100)
+
+
+class VersionDependency(SQLModel, table=True):
+    """`version_id` consumes the upstream version (declared by the `stagegate.depends_on` tag)."""
+
+    __tablename__ = "version_dependency"
+
+    version_id: int = Field(foreign_key="model_version.id", primary_key=True)
+    upstream_model: str = Field(primary_key=True, max_length=128)
+    upstream_version: int = Field(primary_key=True)
+
+
+class TransitionStatus(StrEnum):
+    pending = "pending"  # waiting for gates
+    approved = "approved"  # gates passed; waiting for the promote flow
+    applied = "applied"  # the stage moved
+    rejected = "rejected"  # an approver said no
+    failed = "failed"  # could not be applied (the world moved, the digest changed)
+    cancelled = "cancelled"  # superseded: the version left the stage it was requested from
+
+
+OPEN_STATUSES = (TransitionStatus.pending, TransitionStatus.approved)
+
+
+class Transition(SQLModel, table=True):
+    __tablename__ = "transition"
+
+    id: str = Field(default_factory=_uuid, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
+    version: int
+    from_stage: Stage = _enum(Stage)
+    to_stage: Stage = _enum(Stage)
+    reason: str = Field(max_length=2000)
+    status: TransitionStatus = _enum(TransitionStatus, TransitionStatus.pending, index=True)
+    requested_by: str = Field(max_length=100)
+    idempotency_key: str | None = Field(default=None, unique=True, max_length=200)
+    gate_results: list[dict[str, Any]] = _json(list)
+    status_reason: str | None = Field(default=None, max_length=2000)
+    created_at: datetime = _ts()
+    decided_at: datetime | None = _ts(nullable=True)
+    applied_at: datetime | None = _ts(nullable=True)
+
+
+class Approval(SQLModel, table=True):
+    __tablename__ = "approval"
+    __table_args__ = (UniqueConstraint("transition_id", "approver"),)
+
+    id: str = Field(default_factory=_uuid, primary_key=True)
+    transition_id: str = Field(foreign_key="transition.id", index=True)
+    approver: str = Field(max_length=100)
+    role: Role = _enum(Role)
+    decision: str = Field(max_length=10)  # approve | reject
+    comment: str | None = Field(default=None, max_length=2000)
+    digest: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts()
+
+
+class Deployment(SQLModel, table=True):
+    """A version serving a role on a backend during [started_at, ended_at)."""
+
+    __tablename__ = "deployment"
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
+    version: int
+    role: DeploymentRole = _enum(DeploymentRole)
+    backend: str = Field(default="none", max_length=40)
+    transition_id: str = Field(foreign_key="transition.id")
+    started_at: datetime = _ts(index=True)
+    ended_at: datetime | None = _ts(nullable=True)
+    ended_by_transition_id: str | None = Field(default=None, foreign_key="transition.id")
+
+
+class PolicyRecord(SQLModel, table=True):
+    """Per-model gate policy; the row named `*` overrides the built-in default for all."""
+
+    __tablename__ = "policy"
+
+    model_name: str = Field(primary_key=True, max_length=128)
+    body: dict[str, Any] = _json(dict)
+    updated_at: datetime = _ts()
+    updated_by: str = Field(max_length=100)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """Each registry webhook delivery id is processed once."""
+
+    __tablename__ = "webhook_delivery"
+
+    delivery_id: str = Field(primary_key=True, max_length=100)
+    entity: str = Field(max_length=60)
+    action: str = Field(max_length=60)
+    received_at: datetime = _ts()
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only and hash-chained: hash = sha256(prev_hash + canonical JSON of the row)."""
+
+    __tablename__ = "audit_log"
+
+    seq: int = Field(primary_key=True)
+    at: datetime = _ts()
+    actor: str = Field(max_length=100)
+    action: str = Field(max_length=60, index=True)
+    entity_type: str = Field(max_length=40)
+    entity_id: str = Field(max_length=200, index=True)
+    data: dict[str, Any] = _json(dict)
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64, unique=True)
+
+
+class AuditHead(SQLModel, table=True):
+    """One row whose update serialises appenders on every database."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = 0
+    hash: str = Field(default="0" * 64, max_length=64)

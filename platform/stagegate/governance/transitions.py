@@ -1,0 +1,463 @@
+"""Transitions: request, decide (approve or reject) and apply stage moves under gates.
+
+Every function here writes its audit rows in the caller's transaction and never commits,
+so a stage change, its approvals and their audit entries land together or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from sqlmodel import Session, col, select
+
+from stagegate.errors import ConflictError, NotFoundError, PermissionDenied, TransitionRejected
+from stagegate.governance import audit, versions
+from stagegate.governance.models import (
+    OPEN_STATUSES,
+    Approval,
+    Deployment,
+    ModelVersion,
+    Transition,
+    TransitionStatus,
+)
+from stagegate.governance.policies import get_policy
+from stagegate.governance.tokens import Principal
+from stagegate.lifecycle import gates
+from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, EXCLUSIVE, Role, Stage
+
+REQUESTER_ROLES = frozenset({Role.author, Role.admin, Role.service})
+
+
+@dataclass(frozen=True)
+class StageChange:
+    """A version whose stage moved; the caller mirrors it into the registry."""
+
+    model: str
+    version: int
+    stage: Stage
+
+
+@dataclass
+class ApplyOutcome:
+    transition: Transition
+    changes: list[StageChange] = field(default_factory=list)
+    already_applied: bool = False
+
+
+def get_transition(session: Session, transition_id: str) -> Transition:
+    row = session.get(Transition, transition_id)
+    if row is None:
+        raise NotFoundError(f"no transition {transition_id!r}")
+    return row
+
+
+def list_transitions(
+    session: Session, *, model: str | None, status: TransitionStatus | None, offset: int, limit: int
+) -> list[Transition]:
+    query = select(Transition)
+    if model is not None:
+        query = query.where(Transition.model_name == model)
+    if status is not None:
+        query = query.where(Transition.status == status)
+    query = query.order_by(col(Transition.created_at).desc(), col(Transition.id))
+    return list(session.exec(query.offset(offset).limit(limit)).all())
+
+
+def approvals_of(session: Session, transition_id: str) -> list[Approval]:
+    return list(
+        session.exec(
+            select(Approval)
+            .where(Approval.transition_id == transition_id)
+            .order_by(col(Approval.created_at))
+        ).all()
+    )
+
+
+def _open_for(session: Session, version: ModelVersion) -> list[Transition]:
+    return list(
+        session.exec(
+            select(Transition).where(
+                Transition.model_name == version.model_name,
+                Transition.version == version.version,
+                col(Transition.status).in_(OPEN_STATUSES),
+            )
+        ).all()
+    )
+
+
+def _context(
+    session: Session, t: Transition, version: ModelVersion, now: datetime
+) -> gates.GateContext:
+    champion = versions.holder(session, t.model_name, Stage.production)
+    occupant = (
+        versions.holder(session, t.model_name, t.to_stage)
+        if t.to_stage in EXCLUSIVE and t.to_stage is not Stage.production
+        else None
+    )
+    return gates.GateContext(
+        from_stage=t.from_stage,
+        to_stage=t.to_stage,
+        requested_by=t.requested_by,
+        version=versions.facts(session, version),
+        champion=versions.facts(session, champion) if champion else None,
+        approvals=[
+            gates.ApprovalFacts(a.approver, a.role, a.decision == "approve", a.digest, a.created_at)
+            for a in approvals_of(session, t.id)
+        ],
+        policy=get_policy(session, t.model_name),
+        now=now,
+        occupant=versions.facts(session, occupant) if occupant else None,
+    )
+
+
+def _evaluate(
+    session: Session, t: Transition, version: ModelVersion, now: datetime, actor: str
+) -> None:
+    """Run the gates against the world as it is now; approve the transition if all pass."""
+    results = gates.evaluate(_context(session, t, version, now))
+    t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
+    if gates.all_passed(results):
+        t.status, t.decided_at = TransitionStatus.approved, now
+        t.status_reason = "all gates passed"
+        audit.append(
+            session,
+            actor=actor,
+            action="transition.approved",
+            entity_type="transition",
+            entity_id=t.id,
+            data={"model": t.model_name, "version": t.version, "gates": t.gate_results},
+        )
+    session.add(t)
+
+
+def _check_exclusive(session: Session, version: ModelVersion, to_stage: Stage) -> None:
+    # Production displaces the champion (it retires); shadow and canary hold one version each.
+    if to_stage in EXCLUSIVE and to_stage is not Stage.production:
+        other = versions.holder(session, version.model_name, to_stage)
+        if other is not None and other.version != version.version:
+            raise ConflictError(
+                f"{version.model_name} v{other.version} is already in {to_stage}; move it on first"
+            )
+
+
+def request(
+    session: Session,
+    *,
+    principal: Principal,
+    model: str,
+    version: int,
+    to_stage: Stage,
+    reason: str,
+    now: datetime,
+    idempotency_key: str | None = None,
+) -> tuple[Transition, bool]:
+    """Open a transition. Returns (transition, created). Gates run at once."""
+    if principal.role not in REQUESTER_ROLES:
+        raise PermissionDenied(f"role {principal.role} may not request transitions")
+    if idempotency_key is not None:
+        seen = session.exec(
+            select(Transition).where(Transition.idempotency_key == idempotency_key)
+        ).first()
+        if seen is not None:
+            return seen, False
+    row = versions.get_version(session, model, version)
+    why_not = gates.check_move(row.stage, to_stage)
+    if why_not:
+        raise TransitionRejected(why_not)
+    if open_ := _open_for(session, row):
+        raise ConflictError(f"{model} v{version} already has an open transition {open_[0].id}")
+    t = Transition(
+        model_name=model,
+        version=version,
+        from_stage=row.stage,
+        to_stage=to_stage,
+        reason=reason,
+        requested_by=principal.name,
+        idempotency_key=idempotency_key,
+        created_at=now,
+    )
+    session.add(t)
+    session.flush()
+    audit.append(
+        session,
+        actor=principal.name,
+        action="transition.requested",
+        entity_type="transition",
+        entity_id=t.id,
+        data={
+            "model": model,
+            "version": version,
+            "from": row.stage.value,
+            "to": to_stage.value,
+            "reason": reason,
+        },
+    )
+    _evaluate(session, t, row, now, principal.name)
+    return t, True
+
+
+def decide(
+    session: Session,
+    *,
+    principal: Principal,
+    transition_id: str,
+    decision: Literal["approve", "reject"],
+    comment: str | None,
+    now: datetime,
+) -> Transition:
+    """Record one approval or rejection, then re-run the gates against the current champion."""
+    t = get_transition(session, transition_id)
+    if t.status is not TransitionStatus.pending:
+        raise ConflictError(f"transition {t.id} is {t.status}, not pending")
+    version = versions.get_version(session, t.model_name, t.version)
+    if version.stage != t.from_stage:
+        raise ConflictError(
+            f"{t.model_name} v{t.version} moved to {version.stage} since the transition "
+            f"was requested from {t.from_stage}"
+        )
+    if principal.name == t.requested_by:
+        raise PermissionDenied("the requester of a transition may not approve it")
+    if version.creator and principal.name == version.creator:
+        raise PermissionDenied("the author of a version may not approve its transitions")
+    rule = get_policy(session, t.model_name).approval_rule(t.from_stage, t.to_stage)
+    if rule is None or principal.role not in rule.roles:
+        allowed = "/".join(sorted(rule.roles)) if rule else "nobody"
+        raise PermissionDenied(
+            f"role {principal.role} cannot decide {t.from_stage}->{t.to_stage} (needs {allowed})"
+        )
+    if session.exec(
+        select(Approval).where(Approval.transition_id == t.id, Approval.approver == principal.name)
+    ).first():
+        raise ConflictError(f"{principal.name} already decided transition {t.id}")
+
+    session.add(
+        Approval(
+            transition_id=t.id,
+            approver=principal.name,
+            role=principal.role,
+            decision=decision,
+            comment=comment,
+            digest=version.digest,
+            created_at=now,
+        )
+    )
+    session.flush()
+    audit.append(
+        session,
+        actor=principal.name,
+        action=f"approval.{decision}",
+        entity_type="transition",
+        entity_id=t.id,
+        data={
+            "model": t.model_name,
+            "version": t.version,
+            "digest": version.digest,
+            "comment": comment,
+        },
+    )
+    if decision == "reject":
+        t.status, t.decided_at, t.status_reason = (
+            TransitionStatus.rejected,
+            now,
+            f"rejected by {principal.name}",
+        )
+        session.add(t)
+        audit.append(
+            session,
+            actor=principal.name,
+            action="transition.rejected",
+            entity_type="transition",
+            entity_id=t.id,
+            data={"comment": comment},
+        )
+        return t
+    _evaluate(session, t, version, now, principal.name)
+    return t
+
+
+def reevaluate(session: Session, *, transition_id: str, now: datetime, actor: str) -> Transition:
+    """Re-run the gates of a pending transition (a slot freed, a policy changed)."""
+    t = get_transition(session, transition_id)
+    if t.status is not TransitionStatus.pending:
+        return t
+    version = versions.get_version(session, t.model_name, t.version)
+    if version.stage != t.from_stage:
+        t.status, t.status_reason = (
+            TransitionStatus.cancelled,
+            f"version moved to {version.stage}",
+        )
+        session.add(t)
+        audit.append(
+            session,
+            actor=actor,
+            action="transition.cancelled",
+            entity_type="transition",
+            entity_id=t.id,
+            data={"reason": t.status_reason},
+        )
+        return t
+    _evaluate(session, t, version, now, actor)
+    return t
+
+
+def _fail(session: Session, t: Transition, reason: str, actor: str, now: datetime) -> None:
+    t.status, t.status_reason, t.decided_at = TransitionStatus.failed, reason, t.decided_at or now
+    session.add(t)
+    audit.append(
+        session,
+        actor=actor,
+        action="transition.failed",
+        entity_type="transition",
+        entity_id=t.id,
+        data={"reason": reason},
+    )
+
+
+def _move(
+    session: Session,
+    v: ModelVersion,
+    to_stage: Stage,
+    t: Transition,
+    now: datetime,
+    backend: str,
+    changes: list[StageChange],
+) -> None:
+    """Move one version, closing and opening its deployment windows."""
+    for dep in session.exec(
+        select(Deployment).where(
+            Deployment.model_name == v.model_name,
+            Deployment.version == v.version,
+            col(Deployment.ended_at).is_(None),
+        )
+    ).all():
+        dep.ended_at, dep.ended_by_transition_id = now, t.id
+        session.add(dep)
+    if to_stage in DEPLOYMENT_ROLE:
+        session.add(
+            Deployment(
+                model_name=v.model_name,
+                version=v.version,
+                role=DEPLOYMENT_ROLE[to_stage],
+                backend=backend,
+                transition_id=t.id,
+                started_at=now,
+            )
+        )
+    v.stage, v.stage_changed_at = to_stage, now
+    session.add(v)
+    changes.append(StageChange(v.model_name, v.version, to_stage))
+
+
+def _previous_champion(session: Session, model: str, current: int) -> ModelVersion | None:
+    """The most recent champion before `current` that has since retired."""
+    deps = session.exec(
+        select(Deployment)
+        .where(
+            Deployment.model_name == model,
+            Deployment.role == DEPLOYMENT_ROLE[Stage.production],
+            Deployment.version != current,
+            col(Deployment.ended_at).is_not(None),
+        )
+        .order_by(col(Deployment.ended_at).desc())
+    ).all()
+    for dep in deps:
+        v = versions.get_version(session, model, dep.version)
+        if v.stage is Stage.retired:
+            return v
+    return None
+
+
+def apply(
+    session: Session,
+    *,
+    transition_id: str,
+    actor: str,
+    current_digest: str | None,
+    now: datetime,
+    backend: str = "none",
+) -> ApplyOutcome:
+    """Carry out an approved transition. Idempotent: applying twice changes nothing more.
+
+    A transition that can no longer be applied (the version moved, its artifact changed)
+    is marked failed rather than raised, so the caller commits that record.
+    """
+    t = get_transition(session, transition_id)
+    if t.status is TransitionStatus.applied:
+        return ApplyOutcome(t, already_applied=True)
+    if t.status is not TransitionStatus.approved:
+        raise ConflictError(f"transition {t.id} is {t.status}, not approved")
+    v = versions.get_version(session, t.model_name, t.version)
+    outcome = ApplyOutcome(t)
+    if v.stage != t.from_stage:
+        _fail(session, t, f"version moved to {v.stage} since approval", actor, now)
+        return outcome
+    if current_digest is not None and current_digest != v.digest:
+        audit.append(
+            session,
+            actor=actor,
+            action="version.digest_changed",
+            entity_type="version",
+            entity_id=f"{v.model_name}/{v.version}",
+            data={"old": v.digest, "new": current_digest},
+        )
+        v.digest = current_digest
+        session.add(v)
+        _fail(session, t, "the artifact changed after approval; approvals are void", actor, now)
+        return outcome
+    try:
+        _check_exclusive(session, v, t.to_stage)
+    except ConflictError as exc:
+        _fail(session, t, exc.detail, actor, now)
+        return outcome
+
+    displaced: list[str] = []
+    if t.to_stage is Stage.production:
+        champion = versions.holder(session, t.model_name, Stage.production)
+        if champion is not None and champion.version != v.version:
+            _move(session, champion, Stage.retired, t, now, backend, outcome.changes)
+            displaced.append(f"v{champion.version} production->retired")
+    restored = None
+    if t.to_stage is Stage.rolled_back and t.from_stage is Stage.production:
+        restored = _previous_champion(session, t.model_name, v.version)
+    _move(session, v, t.to_stage, t, now, backend, outcome.changes)
+    if restored is not None:
+        _move(session, restored, Stage.production, t, now, backend, outcome.changes)
+        displaced.append(f"v{restored.version} retired->production (restored)")
+
+    t.status, t.applied_at, t.status_reason = TransitionStatus.applied, now, "applied"
+    session.add(t)
+    audit.append(
+        session,
+        actor=actor,
+        action="transition.applied",
+        entity_type="transition",
+        entity_id=t.id,
+        data={
+            "model": t.model_name,
+            "version": t.version,
+            "from": t.from_stage.value,
+            "to": t.to_stage.value,
+            "also": displaced,
+        },
+    )
+    # Anything else still open for the versions that moved was asked about a stage they left.
+    for change in outcome.changes:
+        moved = versions.get_version(session, change.model, change.version)
+        for other in _open_for(session, moved):
+            if other.id != t.id:
+                other.status, other.status_reason = (
+                    TransitionStatus.cancelled,
+                    f"superseded by transition {t.id}",
+                )
+                session.add(other)
+                audit.append(
+                    session,
+                    actor=actor,
+                    action="transition.cancelled",
+                    entity_type="transition",
+                    entity_id=other.id,
+                    data={"superseded_by": t.id},
+                )
+    return outcome

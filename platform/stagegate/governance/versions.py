@@ -1,0 +1,190 @@
+"""Model versions as the governance database records them, with their lineage inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlmodel import Session, col, func, select
+
+from stagegate.errors import NotFoundError
+from stagegate.governance import audit
+from stagegate.governance.models import (
+    Dataset,
+    ModelVersion,
+    RegisteredModel,
+    VersionDataset,
+    VersionDependency,
+)
+from stagegate.lifecycle.gates import VersionFacts
+from stagegate.lifecycle.stages import Stage
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    name: str
+    source: str
+    digest: str
+    context: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What intake learned about a version from the registry."""
+
+    name: str
+    version: int
+    source: str
+    run_id: str | None
+    creator: str | None
+    registered_at: datetime
+    digest: str
+    code_commit: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    datasets: Sequence[DatasetInput] = ()
+    depends_on: Sequence[tuple[str, int]] = ()
+
+
+def get_version(session: Session, name: str, version: int) -> ModelVersion:
+    row = session.exec(
+        select(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.version == version)
+    ).first()
+    if row is None:
+        raise NotFoundError(f"model {name!r} has no version {version}")
+    return row
+
+
+def find_version(session: Session, name: str, version: int) -> ModelVersion | None:
+    try:
+        return get_version(session, name, version)
+    except NotFoundError:
+        return None
+
+
+def get_model(session: Session, name: str) -> RegisteredModel:
+    row = session.get(RegisteredModel, name)
+    if row is None:
+        raise NotFoundError(f"no model named {name!r}")
+    return row
+
+
+def holder(session: Session, name: str, stage: Stage) -> ModelVersion | None:
+    """The version of `name` in an exclusive stage, if any."""
+    return session.exec(
+        select(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.stage == stage)
+    ).first()
+
+
+def dataset_count(session: Session, version_id: int | None) -> int:
+    return int(
+        session.exec(
+            select(func.count())
+            .select_from(VersionDataset)
+            .where(VersionDataset.version_id == version_id)
+        ).one()
+    )
+
+
+def facts(session: Session, row: ModelVersion) -> VersionFacts:
+    return VersionFacts(
+        name=row.model_name,
+        version=row.version,
+        stage=row.stage,
+        digest=row.digest,
+        author=row.creator,
+        run_id=row.run_id,
+        metrics=dict(row.metrics),
+        dataset_count=dataset_count(session, row.id),
+    )
+
+
+def record_version(
+    session: Session, rec: VersionRecord, *, actor: str
+) -> tuple[ModelVersion, bool]:
+    """Insert the version and its lineage once. A changed digest is recorded, voiding approvals."""
+    existing = find_version(session, rec.name, rec.version)
+    if existing is not None:
+        if existing.digest != rec.digest:
+            audit.append(
+                session,
+                actor=actor,
+                action="version.digest_changed",
+                entity_type="version",
+                entity_id=f"{rec.name}/{rec.version}",
+                data={"old": existing.digest, "new": rec.digest},
+            )
+            existing.digest = rec.digest
+            session.add(existing)
+        return existing, False
+
+    if session.get(RegisteredModel, rec.name) is None:
+        session.add(RegisteredModel(name=rec.name))
+        session.flush()
+    row = ModelVersion(
+        model_name=rec.name,
+        version=rec.version,
+        source=rec.source,
+        run_id=rec.run_id,
+        creator=rec.creator,
+        digest=rec.digest,
+        code_commit=rec.code_commit,
+        metrics=dict(rec.metrics),
+        params=dict(rec.params),
+        registered_at=rec.registered_at,
+    )
+    session.add(row)
+    session.flush()
+    for ds in rec.datasets:
+        dataset = session.exec(
+            select(Dataset).where(Dataset.source == ds.source, Dataset.digest == ds.digest)
+        ).first()
+        if dataset is None:
+            dataset = Dataset(name=ds.name, source=ds.source, digest=ds.digest)
+            session.add(dataset)
+            session.flush()
+        assert dataset.id is not None
+        assert row.id is not None
+        session.add(VersionDataset(version_id=row.id, dataset_id=dataset.id, context=ds.context))
+    for up_name, up_version in dict.fromkeys(rec.depends_on):
+        assert row.id is not None
+        session.add(
+            VersionDependency(
+                version_id=row.id, upstream_model=up_name, upstream_version=up_version
+            )
+        )
+    audit.append(
+        session,
+        actor=actor,
+        action="version.recorded",
+        entity_type="version",
+        entity_id=f"{rec.name}/{rec.version}",
+        data={
+            "digest": rec.digest,
+            "run_id": rec.run_id,
+            "creator": rec.creator,
+            "datasets": [d.digest for d in rec.datasets],
+            "depends_on": [f"{n}:{v}" for n, v in rec.depends_on],
+        },
+    )
+    return row, True
+
+
+def list_models(session: Session, *, offset: int, limit: int) -> tuple[list[RegisteredModel], int]:
+    total = int(session.exec(select(func.count()).select_from(RegisteredModel)).one())
+    rows = session.exec(
+        select(RegisteredModel).order_by(col(RegisteredModel.name)).offset(offset).limit(limit)
+    ).all()
+    return list(rows), total
+
+
+def list_versions(session: Session, name: str) -> list[ModelVersion]:
+    get_model(session, name)
+    return list(
+        session.exec(
+            select(ModelVersion)
+            .where(ModelVersion.model_name == name)
+            .order_by(col(ModelVersion.version))
+        ).all()
+    )

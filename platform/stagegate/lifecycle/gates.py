@@ -1,0 +1,191 @@
+"""Gates: rule classes that accept a transition or hold it back with a reason.
+
+Each gate names the stages it guards (`FROM_STAGES`, `TO_STAGES`) and looks only at a
+`GateContext`, a snapshot taken when the decision is made, so the champion compared against
+is the one of that moment, not the one at registration.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import ClassVar
+
+from stagegate.lifecycle.policy import Policy
+from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    name: str
+    version: int
+    stage: Stage
+    digest: str | None
+    author: str | None
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    dataset_count: int = 0
+
+
+@dataclass(frozen=True)
+class ApprovalFacts:
+    approver: str
+    role: Role
+    approve: bool
+    digest: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class GateContext:
+    from_stage: Stage
+    to_stage: Stage
+    requested_by: str
+    version: VersionFacts
+    champion: VersionFacts | None
+    approvals: Sequence[ApprovalFacts]
+    policy: Policy
+    now: datetime
+    # Another version holding the (exclusive, non-production) target stage, if any.
+    occupant: VersionFacts | None = None
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    reason: str
+
+
+class Gate(ABC):
+    FROM_STAGES: ClassVar[frozenset[Stage]] = frozenset(Stage)
+    TO_STAGES: ClassVar[frozenset[Stage]] = frozenset(Stage)
+    name: ClassVar[str]
+
+    def applies(self, ctx: GateContext) -> bool:
+        return ctx.from_stage in self.FROM_STAGES and ctx.to_stage in self.TO_STAGES
+
+    @abstractmethod
+    def check(self, ctx: GateContext) -> GateResult: ...
+
+    def ok(self, reason: str) -> GateResult:
+        return GateResult(self.name, True, reason)
+
+    def hold(self, reason: str) -> GateResult:
+        return GateResult(self.name, False, reason)
+
+
+def counting_approvers(ctx: GateContext) -> list[str]:
+    """Approvers whose approval counts now: right role, fresh, same digest, not conflicted."""
+    rule = ctx.policy.approval_rule(ctx.from_stage, ctx.to_stage)
+    if rule is None:
+        return []
+    oldest = ctx.now - timedelta(days=ctx.policy.approval_ttl_days)
+    conflicted = {ctx.requested_by, ctx.version.author}
+    return sorted(
+        {
+            a.approver
+            for a in ctx.approvals
+            if a.approve
+            and a.role in rule.roles
+            and a.created_at >= oldest
+            and a.digest == ctx.version.digest
+            and a.approver not in conflicted
+        }
+    )
+
+
+class ApprovalsGate(Gate):
+    name = "approvals"
+
+    def check(self, ctx: GateContext) -> GateResult:
+        rule = ctx.policy.approval_rule(ctx.from_stage, ctx.to_stage)
+        if rule is None:
+            return self.hold(f"no policy rule covers {ctx.from_stage}->{ctx.to_stage}")
+        have = counting_approvers(ctx)
+        roles = "/".join(sorted(rule.roles))
+        if len(have) >= rule.required:
+            return self.ok(f"{len(have)} of {rule.required} approvals ({roles})")
+        return self.hold(
+            f"{len(have)} of {rule.required} approvals from {roles} "
+            f"(fresh, for digest {str(ctx.version.digest)[:12]})"
+        )
+
+
+class OfflineMetricGate(Gate):
+    """The version's offline metric is at least as good as the current champion's."""
+
+    FROM_STAGES = frozenset({Stage.candidate, Stage.shadow, Stage.canary})
+    TO_STAGES = frozenset({Stage.canary, Stage.production})
+    name = "offline_metric"
+
+    def applies(self, ctx: GateContext) -> bool:
+        return super().applies(ctx) and ctx.policy.primary_metric is not None
+
+    def check(self, ctx: GateContext) -> GateResult:
+        metric = ctx.policy.primary_metric
+        assert metric is not None  # applies() guarantees it
+        mine = ctx.version.metrics.get(metric)
+        if mine is None:
+            return self.hold(f"run logged no metric {metric!r}")
+        champ = ctx.champion
+        if champ is None or champ.version == ctx.version.version:
+            return self.ok(f"{metric}={mine:.6g}; no champion to beat")
+        theirs = champ.metrics.get(metric)
+        if theirs is None:
+            return self.ok(f"{metric}={mine:.6g}; champion v{champ.version} has none")
+        better_or_equal = mine >= theirs if ctx.policy.higher_is_better else mine <= theirs
+        verdict = f"{metric}={mine:.6g} vs champion v{champ.version} {theirs:.6g}"
+        return self.ok(verdict) if better_or_equal else self.hold(verdict + " (worse)")
+
+
+class LineageGate(Gate):
+    TO_STAGES = frozenset({Stage.production})
+    name = "lineage"
+
+    def applies(self, ctx: GateContext) -> bool:
+        return super().applies(ctx) and ctx.policy.require_lineage
+
+    def check(self, ctx: GateContext) -> GateResult:
+        missing = []
+        if not ctx.version.run_id:
+            missing.append("training run")
+        if ctx.version.dataset_count == 0:
+            missing.append("training dataset")
+        if not ctx.version.digest:
+            missing.append("artifact digest")
+        if missing:
+            return self.hold("lineage lacks " + ", ".join(missing))
+        return self.ok("run, datasets and digest recorded")
+
+
+class StageFreeGate(Gate):
+    """Shadow and canary hold one version each; wait until the slot frees up."""
+
+    TO_STAGES = frozenset({Stage.shadow, Stage.canary})
+    name = "stage_free"
+
+    def check(self, ctx: GateContext) -> GateResult:
+        if ctx.occupant is not None and ctx.occupant.version != ctx.version.version:
+            return self.hold(f"v{ctx.occupant.version} is in {ctx.to_stage}; move it on first")
+        return self.ok(f"{ctx.to_stage} is free")
+
+
+GATES: tuple[Gate, ...] = (ApprovalsGate(), OfflineMetricGate(), LineageGate(), StageFreeGate())
+
+
+def check_move(from_stage: Stage, to_stage: Stage) -> str | None:
+    """Why a move can never happen, or None if the stage machine allows it."""
+    if to_stage not in ALLOWED_MOVES[from_stage]:
+        return f"a {from_stage} version cannot move to {to_stage}"
+    return None
+
+
+def evaluate(ctx: GateContext, gates: Sequence[Gate] = GATES) -> list[GateResult]:
+    return [g.check(ctx) for g in gates if g.applies(ctx)]
+
+
+def all_passed(results: Sequence[GateResult]) -> bool:
+    return all(r.passed for r in results)

@@ -1,0 +1,99 @@
+"""Policies: which gates apply to which transition. They are data, stored per model."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
+
+LIVE_FROM = frozenset({Stage.shadow, Stage.canary, Stage.production})
+
+
+class ApprovalRule(BaseModel):
+    """N approvals from the given roles, for moves from any of `from_stages` to `to_stages`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    from_stages: frozenset[Stage] = Field(description="Stages the version leaves.")
+    to_stages: frozenset[Stage] = Field(description="Stages the version enters.")
+    required: int = Field(ge=0, le=10, description="Approvals needed.")
+    roles: frozenset[Role] = Field(description="Roles whose approvals count.")
+
+    @field_validator("roles")
+    @classmethod
+    def _only_people_approve(cls, roles: frozenset[Role]) -> frozenset[Role]:
+        if Role.service in roles or Role.viewer in roles:
+            raise ValueError("only approver, admin or author roles may approve")
+        return roles
+
+    def covers(self, from_stage: Stage, to_stage: Stage) -> bool:
+        return from_stage in self.from_stages and to_stage in self.to_stages
+
+
+class Policy(BaseModel):
+    """Gate settings for one model (or the default for all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approvals: list[ApprovalRule] = Field(description="First matching rule wins.")
+    approval_ttl_days: int = Field(default=7, ge=1, le=365, description="Approvals expire.")
+    primary_metric: str | None = Field(
+        default=None,
+        description="Run metric compared with the champion's before canary and production.",
+    )
+    higher_is_better: bool = Field(default=True, description="Direction of `primary_metric`.")
+    require_lineage: bool = Field(
+        default=True, description="Production needs a training run and at least one dataset."
+    )
+
+    def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
+        return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)
+
+    @field_validator("approvals")
+    @classmethod
+    def _covers_every_move(cls, rules: list[ApprovalRule]) -> list[ApprovalRule]:
+        missing = [
+            f"{a}->{b}"
+            for a, targets in ALLOWED_MOVES.items()
+            for b in targets
+            if not any(r.covers(a, b) for r in rules)
+        ]
+        if missing:
+            raise ValueError(f"no approval rule covers {', '.join(sorted(missing))}")
+        return rules
+
+
+PEOPLE = frozenset({Role.approver, Role.admin})
+
+
+def default_policy() -> Policy:
+    """The platform default; see docs/stages-and-gates.md."""
+    everything = frozenset(Stage)
+    return Policy(
+        approvals=[
+            ApprovalRule(
+                from_stages=frozenset({Stage.canary}),
+                to_stages=frozenset({Stage.production}),
+                required=2,
+                roles=frozenset({Role.approver}),
+            ),
+            ApprovalRule(
+                from_stages=frozenset({Stage.candidate, Stage.shadow}),
+                to_stages=frozenset({Stage.shadow, Stage.canary}),
+                required=1,
+                roles=PEOPLE,
+            ),
+            ApprovalRule(
+                from_stages=frozenset({Stage.production}),
+                to_stages=frozenset({Stage.retired}),
+                required=1,
+                roles=PEOPLE,
+            ),
+            ApprovalRule(
+                from_stages=everything,
+                to_stages=frozenset({Stage.rolled_back, Stage.rejected}),
+                required=1,
+                roles=PEOPLE,
+            ),
+        ],
+    )

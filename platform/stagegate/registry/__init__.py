@@ -1,0 +1,1 @@
+"""The model registry boundary: a protocol, and the MLflow adapter (`mlflow.py`)."""

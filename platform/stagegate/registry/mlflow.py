@@ -1,0 +1,325 @@
+"""The MLflow adapter behind `ModelRegistry`. The only module in Stagegate that imports mlflow.
+
+Everything here re-reads the registry: webhook payloads are hints, never facts. MLflow errors
+are mapped onto Stagegate's error tree (`_mlflow_errors`):
+
+- RESOURCE_DOES_NOT_EXIST / NOT_FOUND → NotFoundError
+- INVALID_PARAMETER_VALUE / BAD_REQUEST → InvalidInput
+- ALREADY_EXISTS / RESOURCE_ALREADY_EXISTS / RESOURCE_CONFLICT / ABORTED → ConflictError
+- any 5xx or 429 code, and connection failures (the client reports those as INTERNAL_ERROR)
+  → RetryableError
+- the rest (401/403, 404 from something that is not MLflow, ...) → PermanentError
+
+Connection failures only surface after MLflow's own HTTP retries, which are configured by the
+process-wide `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_BACKOFF_FACTOR` / `_TIMEOUT` variables (defaults:
+7 retries with backoff factor 2, i.e. minutes). Lower them where callers retry on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, cast
+from urllib.parse import urlparse
+
+import mlflow.artifacts
+from mlflow import MlflowClient
+from mlflow.exceptions import ERROR_CODE_TO_HTTP_STATUS, MlflowException
+
+from stagegate.errors import (
+    ConflictError,
+    InvalidInput,
+    NotFoundError,
+    PermanentError,
+    RetryableError,
+    StagegateError,
+)
+from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
+from stagegate.registry.protocol import (
+    DEPENDS_ON_TAG,
+    STAGE_TAG,
+    DatasetRef,
+    RegistryVersion,
+    VersionRef,
+    valid_model_name,
+)
+
+WEBHOOK_NAME = "stagegate"
+CODE_COMMIT_TAG = "mlflow.source.git.commit"
+RUN_USER_TAG = "mlflow.user"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+
+_SEARCH_PAGE_SIZE = 1000
+_WEBHOOK_PAGE_SIZE = 100
+_HASH_CHUNK = 1 << 20
+
+_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
+_INVALID_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
+_CONFLICT_CODES = frozenset(
+    {"ALREADY_EXISTS", "RESOURCE_ALREADY_EXISTS", "RESOURCE_CONFLICT", "ABORTED"}
+)
+_RETRYABLE_CODES = frozenset(
+    {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+)
+# Artifact locations the digest may read. Local paths would read this machine's disk, and
+# `models:`/`runs:` would be resolved by mlflow against the process-global registry URI.
+_LOCAL_SCHEMES = frozenset({"", "file", "models", "runs"})
+
+
+def _raise_mapped(exc: MlflowException, what: str) -> NoReturn:
+    code = str(exc.error_code)
+    status = int(ERROR_CODE_TO_HTTP_STATUS.get(code, 500))
+    detail = f"MLflow: {what}: {exc.message}"
+    if code in _NOT_FOUND_CODES:
+        raise NotFoundError(f"{what} not found in the MLflow registry") from exc
+    if code in _INVALID_CODES:
+        raise InvalidInput(detail) from exc
+    if code in _CONFLICT_CODES:
+        raise ConflictError(detail) from exc
+    if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+        raise RetryableError(detail) from exc
+    raise PermanentError(detail) from exc
+
+
+@contextmanager
+def _mlflow_errors(what: str) -> Iterator[None]:
+    """Translate MLflow's exceptions into Stagegate's; `what` names the object for messages."""
+    try:
+        yield
+    except StagegateError:
+        raise
+    except MlflowException as exc:
+        _raise_mapped(exc, what)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not valid_model_name(name):
+        raise InvalidInput(f"invalid model name {name!r}")
+
+
+def _check_version(version: int) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidInput(f"invalid model version {version!r}: expected an integer >= 1")
+
+
+def parse_depends_on(value: str, *, model: str | None = None) -> tuple[VersionRef, ...]:
+    """Parse `stagegate.depends_on` (`name:version,name:version`); InvalidInput if malformed.
+
+    Blank values mean no dependencies. Entries may be padded with spaces. A model may appear
+    once, and not depend on itself (`model`).
+    """
+    if not value.strip():
+        return ()
+    refs: list[VersionRef] = []
+    seen: set[str] = set()
+    for raw in value.split(","):
+        entry = raw.strip()
+        dep_name, sep, dep_version = entry.partition(":")
+        dep_name, dep_version = dep_name.strip(), dep_version.strip()
+        problem = None
+        if not entry:
+            problem = "empty entry"
+        elif not sep:
+            problem = "expected name:version"
+        elif not valid_model_name(dep_name):
+            problem = "invalid model name"
+        elif not (dep_version.isascii() and dep_version.isdigit()) or int(dep_version) < 1:
+            problem = "version must be an integer >= 1"
+        elif dep_name in seen:
+            problem = "model listed twice"
+        elif dep_name == model:
+            problem = "a model cannot depend on itself"
+        if problem:
+            raise InvalidInput(
+                f"malformed {DEPENDS_ON_TAG} tag {value!r}: entry {entry!r}: {problem} "
+                "(expected comma-separated name:version, e.g. 'embedder:3,tokenizer:1')"
+            )
+        seen.add(dep_name)
+        refs.append(VersionRef(name=dep_name, version=int(dep_version)))
+    return tuple(refs)
+
+
+def _tree_digest(root: Path) -> str:
+    """sha256 over (relative posix path, NUL, bytes, NUL) of every file, sorted by path."""
+    files = sorted(
+        (path.relative_to(root).as_posix(), path) for path in root.rglob("*") if path.is_file()
+    )
+    digest = hashlib.sha256()
+    for rel, path in files:
+        digest.update(rel.encode("utf-8"))
+        digest.update(b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _datasets(run: Any) -> tuple[DatasetRef, ...]:
+    inputs = getattr(run, "inputs", None)
+    refs: list[DatasetRef] = []
+    for dataset_input in getattr(inputs, "dataset_inputs", None) or []:
+        dataset = dataset_input.dataset
+        tags = {tag.key: tag.value for tag in dataset_input.tags or []}
+        refs.append(
+            DatasetRef(
+                name=str(dataset.name),
+                digest=str(dataset.digest),
+                source=str(dataset.source),
+                context=tags.get(DATASET_CONTEXT_TAG),
+            )
+        )
+    return tuple(refs)
+
+
+class MlflowRegistry:
+    """`ModelRegistry` over an MLflow tracking server (tracking and registry at one URI)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self._tracking_uri = tracking_uri
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._tracking_uri
+
+    def get_version(self, name: str, version: int) -> RegistryVersion:
+        _check_name(name)
+        _check_version(version)
+        what = f"model version {name}/{version}"
+        with _mlflow_errors(what):
+            mv: Any = self._client.get_model_version(name, str(version))
+        run_id = cast(str | None, mv.run_id) or None
+        run: Any = None
+        if run_id:
+            try:
+                with _mlflow_errors(f"run {run_id} of {what}"):
+                    run = self._client.get_run(run_id)
+            except NotFoundError:
+                run = None  # the run was purged; the version stands on its own
+        run_tags: dict[str, str] = dict(run.data.tags) if run is not None else {}
+        tags: dict[str, str] = {str(k): str(v) for k, v in (mv.tags or {}).items()}
+        return RegistryVersion(
+            name=str(mv.name),
+            version=int(mv.version),
+            source=str(mv.source or ""),
+            run_id=run_id,
+            creator=(str(mv.user_id) if mv.user_id else None) or run_tags.get(RUN_USER_TAG) or None,
+            created_at=datetime.fromtimestamp(int(mv.creation_timestamp) / 1000, tz=UTC),
+            tags=tags,
+            aliases=tuple(str(a) for a in mv.aliases or ()),
+            metrics={str(k): float(v) for k, v in run.data.metrics.items()} if run else {},
+            params={str(k): str(v) for k, v in run.data.params.items()} if run else {},
+            datasets=_datasets(run) if run is not None else (),
+            code_commit=run_tags.get(CODE_COMMIT_TAG) or None,
+            depends_on=parse_depends_on(tags.get(DEPENDS_ON_TAG, ""), model=name),
+        )
+
+    def list_versions(self) -> list[VersionRef]:
+        refs: list[VersionRef] = []
+        token: str | None = None
+        with _mlflow_errors("model version search"):
+            while True:
+                page: Any = self._client.search_model_versions(
+                    max_results=_SEARCH_PAGE_SIZE, page_token=token
+                )
+                refs.extend(VersionRef(name=str(mv.name), version=int(mv.version)) for mv in page)
+                token = cast(str | None, page.token) or None
+                if token is None:
+                    break
+        return sorted(set(refs), key=lambda ref: (ref.name, ref.version))
+
+    def artifact_digest(self, name: str, version: int) -> str:
+        _check_name(name)
+        _check_version(version)
+        model_uri = f"models:/{name}/{version}"
+        # mlflow would resolve `models:/` against the process-global registry URI, not ours:
+        # resolve it on this client (the same lookup mlflow does), then download from there.
+        with _mlflow_errors(model_uri):
+            location = str(self._client.get_model_version_download_uri(name, str(version)))
+        scheme = urlparse(location).scheme.lower()
+        if scheme in _LOCAL_SCHEMES or len(scheme) == 1:  # one letter: a Windows drive
+            raise PermanentError(
+                f"{model_uri} resolves to {location!r}, which is not remote artifact storage; "
+                "run the MLflow server with proxied artifacts (--artifacts-destination)"
+            )
+        with tempfile.TemporaryDirectory(prefix="stagegate-artifacts-") as tmp:
+            try:
+                with _mlflow_errors(f"artifacts of {model_uri}"):
+                    local = mlflow.artifacts.download_artifacts(
+                        artifact_uri=location,
+                        dst_path=tmp,
+                        tracking_uri=self._tracking_uri,
+                        registry_uri=self._tracking_uri,
+                    )
+            except OSError as exc:  # requests' errors are OSErrors too
+                raise RetryableError(f"downloading artifacts of {model_uri}: {exc}") from exc
+            root = Path(local)
+            if not root.is_dir():
+                raise PermanentError(f"{model_uri} resolved to a single file, not a model dir")
+            return _tree_digest(root)
+
+    def mirror_stage(self, name: str, version: int, stage: Stage) -> None:
+        _check_name(name)
+        _check_version(version)
+        try:
+            stage = Stage(stage)
+        except ValueError as exc:
+            raise InvalidInput(f"unknown stage {stage!r}") from exc
+        what = f"model version {name}/{version}"
+        with _mlflow_errors(what):
+            mv: Any = self._client.get_model_version(name, str(version))
+            if (mv.tags or {}).get(STAGE_TAG) != stage.value:
+                self._client.set_model_version_tag(name, str(version), STAGE_TAG, stage.value)
+            held = {str(alias) for alias in mv.aliases or ()}
+            for alias_stage, alias in REGISTRY_ALIAS.items():
+                if alias_stage is stage:
+                    if alias not in held:
+                        self._client.set_registered_model_alias(name, alias, str(version))
+                elif alias in held:
+                    self._client.delete_registered_model_alias(name, alias)
+
+    def ensure_webhook(self, url: str, secret: str, events: list[str]) -> str:
+        if not events:
+            raise InvalidInput("a webhook needs at least one event")
+        with _mlflow_errors(f"webhook {WEBHOOK_NAME!r}"):
+            ours = sorted(
+                (hook for hook in self._webhooks() if hook.name == WEBHOOK_NAME),
+                key=lambda hook: (int(hook.creation_timestamp), str(hook.webhook_id)),
+            )
+            if not ours:
+                created: Any = self._client.create_webhook(
+                    name=WEBHOOK_NAME,
+                    url=url,
+                    events=cast(Any, list(events)),
+                    description="Stagegate: model registry events",
+                    secret=secret,
+                    status="ACTIVE",
+                )
+                return str(created.webhook_id)
+            keep, *duplicates = ours
+            self._client.update_webhook(
+                keep.webhook_id,
+                url=url,
+                events=cast(Any, list(events)),
+                secret=secret,
+                status="ACTIVE",
+            )
+            # Two webhooks with our name would deliver every event twice.
+            for duplicate in duplicates:
+                self._client.delete_webhook(duplicate.webhook_id)
+            return str(keep.webhook_id)
+
+    def _webhooks(self) -> list[Any]:
+        hooks: list[Any] = []
+        token: str | None = None
+        while True:
+            page: Any = self._client.list_webhooks(max_results=_WEBHOOK_PAGE_SIZE, page_token=token)
+            hooks.extend(page)
+            token = cast(str | None, page.token) or None
+            if token is None:
+                return hooks

@@ -1,0 +1,99 @@
+"""Settings, read from the environment (`STAGEGATE_*`) lazily through `get_settings()`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"  # noqa: S105 - refused outside dev mode
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the governance database; default: SQLite under home.",
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement.")
+
+
+class MlflowSettings(BaseModel):
+    tracking_uri: str = Field(
+        default="http://127.0.0.1:5005", description="MLflow tracking and registry server."
+    )
+    port: int = Field(default=5005, description="Port of the embedded MLflow server.")
+
+
+class PrefectSettings(BaseModel):
+    api_url: str = Field(default="http://127.0.0.1:4205/api", description="Prefect server API URL.")
+    port: int = Field(default=4205, description="Port of the embedded Prefect server.")
+    runner_poll_s: int = Field(
+        default=1, description="How often `stagegate worker` polls for triggered runs."
+    )
+
+
+class ApiSettings(BaseModel):
+    host: str = Field(default="127.0.0.1", description="Address the governance API binds.")
+    port: int = Field(default=8765, description="Port of the governance API.")
+    public_url: str | None = Field(
+        default=None, description="URL MLflow uses to reach the API; default from host/port."
+    )
+    max_page_size: int = Field(default=200, description="Largest page a list endpoint returns.")
+
+    @property
+    def url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+class WebhookSettings(BaseModel):
+    secret: str = Field(
+        default=DEV_WEBHOOK_SECRET, description="HMAC secret shared with the MLflow webhook."
+    )
+    max_skew_s: int = Field(
+        default=300, description="Deliveries whose timestamp is further off are refused."
+    )
+
+
+class LifecycleSettings(BaseModel):
+    approval_ttl_days: int = Field(default=7, description="Approvals older than this expire.")
+    stale_transition_s: int = Field(
+        default=60,
+        description="Approved transitions not applied after this long are applied by reconcile.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STAGEGATE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(
+        default=Path(".stagegate"), description="Folder that holds all embedded state."
+    )
+    mode: Literal["dev", "prod"] = Field(
+        default="dev", description="`prod` refuses development defaults such as secrets."
+    )
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets(self) -> Settings:
+        if self.mode == "prod" and self.webhook.secret == DEV_WEBHOOK_SECRET:
+            raise ValueError("STAGEGATE_WEBHOOK__SECRET must be set in prod mode")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.db.url or f"sqlite:///{(self.home / 'governance.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,58 @@
+"""Secrets the embedded stack generates once and keeps in `{home}/secrets.json` (mode 0600)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+from pydantic import BaseModel, Field, ValidationError
+
+from stagegate.errors import PermanentError
+from stagegate.settings import Settings
+
+
+class StackSecrets(BaseModel):
+    webhook_secret: str = Field(description="HMAC secret shared by the MLflow webhook and the API.")
+    mlflow_fernet_key: str = Field(
+        description="Fernet key MLflow uses to encrypt webhook secrets at rest."
+    )
+
+
+def secrets_file(settings: Settings) -> Path:
+    return settings.home / "secrets.json"
+
+
+def load_secrets(settings: Settings) -> StackSecrets:
+    """Read the stack secrets, creating them on the first call (never overwritten after)."""
+    path = secrets_file(settings)
+    if not path.exists():
+        _create(path)
+    try:
+        loaded = StackSecrets.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as exc:
+        raise PermanentError(f"cannot read stack secrets from {path}: {exc}") from exc
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return loaded
+
+
+def _create(path: Path) -> None:
+    fresh = StackSecrets(
+        webhook_secret=secrets.token_urlsafe(32),
+        mlflow_fernet_key=Fernet.generate_key().decode(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(fresh.model_dump(), fh, indent=2)
+        # link() fails when another process created the file first: theirs wins.
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)

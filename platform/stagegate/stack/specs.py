@@ -1,0 +1,226 @@
+"""The embedded stack's services as data: `default_specs(settings, secrets)` builds them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stagegate.errors import PermanentError
+from stagegate.settings import DEV_WEBHOOK_SECRET, Settings
+from stagegate.stack.secrets import StackSecrets
+
+SERVICE_NAMES = ("mlflow", "prefect", "api", "worker")
+# The folder that holds the `stagegate` package, for children when it is not installed.
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class HealthCheck(BaseModel):
+    """A service is healthy when its process lives and every check given here passes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = Field(default=None, description="GET must answer 200.")
+    ready_file: Path | None = Field(
+        default=None, description="Must exist and be touched after the process started."
+    )
+
+
+class ServiceSpec(BaseModel):
+    """How to start one service and how to tell it is up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Set on top of the caller's environment."
+    )
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+    depends_on: tuple[str, ...] = ()
+    url: str | None = Field(default=None, description="Where users reach it, for `status`.")
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, description="Checked free before starting.")
+
+
+def venv_bin() -> Path:
+    """The bin folder of the running interpreter (not resolved: a venv's python is a link)."""
+    return Path(sys.executable).parent
+
+
+def worker_ready_file(settings: Settings) -> Path:
+    """The file `stagegate worker` touches once it serves its deployments."""
+    return settings.home.resolve() / "run" / "worker.ready"
+
+
+def service_urls(settings: Settings) -> dict[str, str | None]:
+    return {
+        "mlflow": settings.mlflow.tracking_uri,
+        "prefect": settings.prefect.api_url.removesuffix("/").removesuffix("/api"),
+        "api": settings.api.url,
+        "worker": None,
+    }
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`STAGEGATE_*` variables that rebuild these exact settings in a child process."""
+    env: dict[str, str] = {}
+    for key, value in settings.model_dump(mode="json").items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, leaf in items:
+            if leaf is None:
+                continue
+            name = f"STAGEGATE_{key}" if sub is None else f"STAGEGATE_{key}__{sub}"
+            text = leaf if isinstance(leaf, str) else json.dumps(leaf)
+            env[name.upper()] = text
+    return env
+
+
+def _path_env(extra: Mapping[str, str]) -> dict[str, str]:
+    path = os.environ.get("PATH", "")
+    no_proxy = ",".join(p for p in (os.environ.get("NO_PROXY"), "127.0.0.1,localhost") if p)
+    return {
+        "PATH": f"{venv_bin()}{os.pathsep}{path}" if path else str(venv_bin()),
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
+        **extra,
+    }
+
+
+def _flags(**options: object) -> list[str]:
+    """`_flags(backend_store_uri=x)` -> `["--backend-store-uri", "x"]`."""
+    argv: list[str] = []
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _check_port_matches(what: str, url: str, port: int) -> None:
+    parts = urlsplit(url)
+    if parts.hostname in _LOOPBACK and parts.port not in (None, port):
+        raise PermanentError(
+            f"{what} points at port {parts.port} but the embedded server listens on {port}: "
+            "set both to the same port"
+        )
+
+
+def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec]:
+    """mlflow and prefect (no dependencies), then api, then worker."""
+    _check_port_matches("mlflow.tracking_uri", settings.mlflow.tracking_uri, settings.mlflow.port)
+    _check_port_matches("prefect.api_url", settings.prefect.api_url, settings.prefect.port)
+    home = settings.home.resolve()
+    bin_dir = venv_bin()
+    python = str(bin_dir / "python")
+    urls = service_urls(settings)
+
+    mlflow_dir = home / "mlflow"
+    mlflow = ServiceSpec(
+        name="mlflow",
+        argv=[
+            str(bin_dir / "mlflow"),
+            "server",
+            *_flags(
+                host="127.0.0.1",
+                port=settings.mlflow.port,
+                workers=1,
+                backend_store_uri=f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                artifacts_destination=mlflow_dir / "artifacts",
+            ),
+        ],
+        env=_path_env(
+            {
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": secrets.mlflow_fernet_key,
+                "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+            }
+        ),
+        health_check=HealthCheck(url=f"{settings.mlflow.tracking_uri.rstrip('/')}/health"),
+        url=urls["mlflow"],
+        port=settings.mlflow.port,
+    )
+
+    prefect_home = home / "prefect"
+    prefect_db = f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}"
+    prefect = ServiceSpec(
+        name="prefect",
+        argv=[
+            str(bin_dir / "prefect"),
+            *("server", "start"),
+            *_flags(host="127.0.0.1", port=settings.prefect.port),
+        ],
+        env=_path_env(
+            {
+                "PREFECT_HOME": str(prefect_home),
+                "PREFECT_API_URL": settings.prefect.api_url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_db,
+                "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db,
+                "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+            }
+        ),
+        health_check=HealthCheck(url=f"{settings.prefect.api_url.rstrip('/')}/health"),
+        url=urls["prefect"],
+        port=settings.prefect.port,
+    )
+
+    # An explicitly configured secret wins over the generated one, so both sides agree.
+    webhook_secret = (
+        settings.webhook.secret
+        if settings.webhook.secret != DEV_WEBHOOK_SECRET
+        else secrets.webhook_secret
+    )
+    python_path = os.pathsep.join(p for p in (str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    app_env = _path_env(
+        {
+            **settings_env(settings),
+            "STAGEGATE_HOME": str(home),
+            "STAGEGATE_DB__URL": settings.database_url,
+            "STAGEGATE_WEBHOOK__SECRET": webhook_secret,
+            "STAGEGATE_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
+            "MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
+            "PREFECT_API_URL": settings.prefect.api_url,
+            "PREFECT_HOME": str(prefect_home),
+            "PYTHONPATH": python_path,
+        }
+    )
+    api = ServiceSpec(
+        name="api",
+        argv=[
+            *(python, "-m", "uvicorn", "stagegate.api.app:create_app", "--factory"),
+            *_flags(host=settings.api.host, port=settings.api.port),
+        ],
+        env=app_env,
+        health_check=HealthCheck(url=f"{settings.api.url.rstrip('/')}/api/health"),
+        depends_on=("mlflow", "prefect"),
+        url=urls["api"],
+        host=settings.api.host,
+        port=settings.api.port,
+    )
+
+    console_script = bin_dir / "stagegate"
+    worker_argv = (
+        [str(console_script), "worker"]
+        if console_script.exists()
+        else [python, "-c", "from stagegate.cli import app; app()", "worker"]
+    )
+    worker = ServiceSpec(
+        name="worker",
+        argv=worker_argv,
+        env={
+            **app_env,
+            "PREFECT_RUNNER_POLL_FREQUENCY": str(settings.prefect.runner_poll_s),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        },
+        health_check=HealthCheck(ready_file=worker_ready_file(settings)),
+        depends_on=("api", "prefect"),
+        url=urls["worker"],
+    )
+    return [mlflow, prefect, api, worker]

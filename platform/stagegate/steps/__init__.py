@@ -1,0 +1,1 @@
+"""Idempotent steps the flows run: each joins the registry and the governance database."""

@@ -1,0 +1,67 @@
+"""Apply an approved transition: verify the artifact, move stages, mirror into the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, or_, select
+
+from stagegate.db import transaction, utcnow
+from stagegate.governance import transitions, versions
+from stagegate.governance.models import Deployment, TransitionStatus
+from stagegate.lifecycle.stages import Stage
+from stagegate.registry.protocol import ModelRegistry
+from stagegate.steps.common import SERVICE
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    transition_id: str
+    status: TransitionStatus
+    reason: str | None
+    mirrored: list[tuple[str, int, Stage]]
+
+
+def _touched(session: Session, transition_id: str) -> list[tuple[str, int, Stage]]:
+    """Versions whose deployment windows this transition opened or closed, and their stage."""
+    t = transitions.get_transition(session, transition_id)
+    found = {(t.model_name, t.version)}
+    for dep in session.exec(
+        select(Deployment).where(
+            or_(
+                col(Deployment.transition_id) == transition_id,
+                col(Deployment.ended_by_transition_id) == transition_id,
+            )
+        )
+    ).all():
+        found.add((dep.model_name, dep.version))
+    return [(m, v, versions.get_version(session, m, v).stage) for m, v in sorted(found)]
+
+
+def apply_transition(
+    engine: Engine, registry: ModelRegistry, transition_id: str, *, backend: str = "none"
+) -> ApplyResult:
+    """Idempotent, keyed by the transition id: a rerun re-mirrors and changes nothing else."""
+    with transaction(engine) as session:
+        t = transitions.get_transition(session, transition_id)
+        name, number, status = t.model_name, t.version, t.status
+    # Hash the artifact outside any database transaction: it may take a while.
+    digest = registry.artifact_digest(name, number) if status is TransitionStatus.approved else None
+    with transaction(engine) as session:
+        outcome = transitions.apply(
+            session,
+            transition_id=transition_id,
+            actor=SERVICE.name,
+            current_digest=digest,
+            now=utcnow(),
+            backend=backend,
+        )
+        result_status, reason = outcome.transition.status, outcome.transition.status_reason
+        touched = (
+            _touched(session, transition_id) if result_status is TransitionStatus.applied else []
+        )
+    # The database is the truth; the registry mirror follows and is safe to repeat.
+    for model, version, stage in touched:
+        registry.mirror_stage(model, version, stage)
+    return ApplyResult(transition_id, result_status, reason, touched)

@@ -1,0 +1,62 @@
+"""A registry that keeps versions in memory: a fake at our own `ModelRegistry` boundary.
+
+Tests of the registry adapter itself, and the end-to-end tests, use a real MLflow server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from stagegate.errors import NotFoundError
+from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
+from stagegate.registry.protocol import DatasetRef, RegistryVersion, VersionRef
+
+
+@dataclass
+class FakeRegistry:
+    versions: dict[tuple[str, int], RegistryVersion] = field(default_factory=dict)
+    digests: dict[tuple[str, int], str] = field(default_factory=dict)
+    aliases: dict[str, dict[str, int]] = field(default_factory=dict)
+    stage_tags: dict[tuple[str, int], str] = field(default_factory=dict)
+    mirror_calls: int = 0
+
+    def add(self, name: str, version: int, *, creator: str = "dana",
+            accuracy: float = 0.9) -> None:
+        self.versions[(name, version)] = RegistryVersion(
+            name=name, version=version, source=f"models:/{name}/{version}",
+            run_id=f"run{version}", creator=creator, created_at=datetime.now(UTC),
+            metrics={"accuracy": accuracy},
+            datasets=(DatasetRef("train", f"d{version}", "file:///train.csv", "training"),),
+        )
+        self.digests[(name, version)] = f"{version:064x}"
+
+    def get_version(self, name: str, version: int) -> RegistryVersion:
+        try:
+            return self.versions[(name, version)]
+        except KeyError:
+            raise NotFoundError(f"no {name}/{version}") from None
+
+    def list_versions(self) -> list[VersionRef]:
+        return [VersionRef(n, v) for n, v in sorted(self.versions)]
+
+    def artifact_digest(self, name: str, version: int) -> str:
+        self.get_version(name, version)
+        return self.digests[(name, version)]
+
+    def mirror_stage(self, name: str, version: int, stage: Stage) -> None:
+        self.mirror_calls += 1
+        self.stage_tags[(name, version)] = stage.value
+        model_aliases = self.aliases.setdefault(name, {})
+        for s, alias in REGISTRY_ALIAS.items():
+            if s is stage:
+                model_aliases[alias] = version
+            elif model_aliases.get(alias) == version:
+                del model_aliases[alias]
+
+    def ensure_webhook(self, url: str, secret: str, events: list[str]) -> str:
+        return "fake-webhook"
+
+    def swap_artifact(self, name: str, version: int) -> None:
+        self.digests[(name, version)] = "f" * 64
+        self.versions[(name, version)] = replace(self.versions[(name, version)])
