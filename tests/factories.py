@@ -26,16 +26,29 @@ class Factory:
             secret = tokens.create_token(s, name=name, role=Role(role))
         return auth(secret)
 
-    def version(self, name: str = "fraud", version: int = 1, *, creator: str = "dana",
-                digest: str | None = None, metrics: dict[str, float] | None = None,
-                datasets: int = 1, depends_on: tuple[tuple[str, int], ...] = ()) -> None:
+    def version(
+        self,
+        name: str = "fraud",
+        version: int = 1,
+        *,
+        creator: str = "dana",
+        digest: str | None = None,
+        metrics: dict[str, float] | None = None,
+        datasets: int = 1,
+        depends_on: tuple[tuple[str, int], ...] = (),
+    ) -> None:
         rec = VersionRecord(
-            name=name, version=version, source=f"models:/{name}/{version}",
-            run_id=f"run{version:04d}", creator=creator,
+            name=name,
+            version=version,
+            source=f"models:/{name}/{version}",
+            run_id=f"run{version:04d}",
+            creator=creator,
             registered_at=datetime(2026, 1, 1, tzinfo=UTC),
-            digest=digest or f"{version:064x}", metrics=metrics or {"accuracy": 0.9},
-            datasets=[DatasetInput("train", f"file:///data/{name}.csv", f"d{i}")
-                      for i in range(datasets)],
+            digest=digest or f"{version:064x}",
+            metrics=metrics or {"accuracy": 0.9},
+            datasets=[
+                DatasetInput("train", f"file:///data/{name}.csv", f"d{i}") for i in range(datasets)
+            ],
             depends_on=depends_on,
         )
         with transaction(self.engine) as s:

@@ -21,11 +21,14 @@ class FakeRegistry:
     stage_tags: dict[tuple[str, int], str] = field(default_factory=dict)
     mirror_calls: int = 0
 
-    def add(self, name: str, version: int, *, creator: str = "dana",
-            accuracy: float = 0.9) -> None:
+    def add(self, name: str, version: int, *, creator: str = "dana", accuracy: float = 0.9) -> None:
         self.versions[(name, version)] = RegistryVersion(
-            name=name, version=version, source=f"models:/{name}/{version}",
-            run_id=f"run{version}", creator=creator, created_at=datetime.now(UTC),
+            name=name,
+            version=version,
+            source=f"models:/{name}/{version}",
+            run_id=f"run{version}",
+            creator=creator,
+            created_at=datetime.now(UTC),
             metrics={"accuracy": accuracy},
             datasets=(DatasetRef("train", f"d{version}", "file:///train.csv", "training"),),
         )

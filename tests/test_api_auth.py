@@ -14,8 +14,10 @@ from tests.factories import Factory, auth
 
 
 def _has_authz(dependant: Any) -> bool:
-    return any(getattr(d.call, "__stagegate_authz__", False) or _has_authz(d)
-               for d in dependant.dependencies)
+    return any(
+        getattr(d.call, "__stagegate_authz__", False) or _has_authz(d)
+        for d in dependant.dependencies
+    )
 
 
 def _routes() -> list[APIRoute]:
@@ -23,8 +25,11 @@ def _routes() -> list[APIRoute]:
 
 
 def test_every_route_has_an_authorization_dependency() -> None:
-    unguarded = [f"{sorted(r.methods)} {r.path}" for r in _routes()
-                 if r.path not in PUBLIC_PATHS and not _has_authz(r.dependant)]
+    unguarded = [
+        f"{sorted(r.methods)} {r.path}"
+        for r in _routes()
+        if r.path not in PUBLIC_PATHS and not _has_authz(r.dependant)
+    ]
     assert unguarded == []
 
 
@@ -36,12 +41,16 @@ def test_the_walk_sees_every_route_the_app_serves(client: TestClient) -> None:
 
 
 def _sample_path(path: str) -> str:
-    return (path.replace("{name}", "fraud").replace("{version}", "1")
-            .replace("{transition_id}", "abc"))
+    return (
+        path.replace("{name}", "fraud").replace("{version}", "1").replace("{transition_id}", "abc")
+    )
 
 
-@pytest.mark.parametrize("route", [r for r in _routes() if r.path not in PUBLIC_PATHS],
-                         ids=lambda r: f"{sorted(r.methods)[0]} {r.path}")
+@pytest.mark.parametrize(
+    "route",
+    [r for r in _routes() if r.path not in PUBLIC_PATHS],
+    ids=lambda r: f"{sorted(r.methods)[0]} {r.path}",
+)
 def test_no_token_is_401(client: TestClient, route: APIRoute) -> None:
     method = sorted(route.methods)[0]
     response = client.request(method, _sample_path(route.path), json={})
@@ -64,18 +73,30 @@ def test_invalid_and_revoked_tokens_are_401(client: TestClient, factory: Factory
     assert r.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize(("role", "method", "path", "body"), [
-    ("viewer", "POST", "/api/v1/transitions",
-     {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"}),
-    ("approver", "POST", "/api/v1/transitions",
-     {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"}),
-    ("viewer", "POST", "/api/v1/transitions/abc/approvals", {"decision": "approve"}),
-    ("service", "POST", "/api/v1/transitions/abc/approvals", {"decision": "approve"}),
-    ("approver", "PUT", "/api/v1/models/fraud/policy", {}),
-    ("author", "PUT", "/api/v1/models/fraud/policy", {}),
-])
-def test_wrong_role_is_403(client: TestClient, factory: Factory, role: str, method: str,
-                           path: str, body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body"),
+    [
+        (
+            "viewer",
+            "POST",
+            "/api/v1/transitions",
+            {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"},
+        ),
+        (
+            "approver",
+            "POST",
+            "/api/v1/transitions",
+            {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"},
+        ),
+        ("viewer", "POST", "/api/v1/transitions/abc/approvals", {"decision": "approve"}),
+        ("service", "POST", "/api/v1/transitions/abc/approvals", {"decision": "approve"}),
+        ("approver", "PUT", "/api/v1/models/fraud/policy", {}),
+        ("author", "PUT", "/api/v1/models/fraud/policy", {}),
+    ],
+)
+def test_wrong_role_is_403(
+    client: TestClient, factory: Factory, role: str, method: str, path: str, body: dict[str, Any]
+) -> None:
     headers = factory.token(f"someone-{role}", role)
     response = client.request(method, path, json=body, headers=headers)
     assert response.status_code == 403, response.text

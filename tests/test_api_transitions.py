@@ -37,19 +37,27 @@ def registry() -> FakeRegistry:
     return reg
 
 
-def request(client: TestClient, who: dict[str, str], to: str, version: int = 1,
-            model: str = "fraud") -> Json:
-    r = client.post("/api/v1/transitions", headers=who,
-                    json={"model": model, "version": version, "to_stage": to, "reason": "why"})
+def request(
+    client: TestClient, who: dict[str, str], to: str, version: int = 1, model: str = "fraud"
+) -> Json:
+    r = client.post(
+        "/api/v1/transitions",
+        headers=who,
+        json={"model": model, "version": version, "to_stage": to, "reason": "why"},
+    )
     assert r.status_code == 201, r.text
     body: Json = r.json()
     return body
 
 
-def decide(client: TestClient, who: dict[str, str], tid: str, decision: str = "approve",
-           expect: int = 201) -> Json:
-    r = client.post(f"/api/v1/transitions/{tid}/approvals", headers=who,
-                    json={"decision": decision, "comment": "looks fine"})
+def decide(
+    client: TestClient, who: dict[str, str], tid: str, decision: str = "approve", expect: int = 201
+) -> Json:
+    r = client.post(
+        f"/api/v1/transitions/{tid}/approvals",
+        headers=who,
+        json={"decision": decision, "comment": "looks fine"},
+    )
     assert r.status_code == expect, r.text
     body: Json = r.json()
     return body
@@ -62,9 +70,15 @@ def stage(client: TestClient, who: dict[str, str], version: int = 1) -> str:
     return value
 
 
-def promote(client: TestClient, engine: Engine, registry: FakeRegistry,
-            p: dict[str, dict[str, str]], version: int, to: str,
-            approvers: tuple[str, ...] = ("alice",)) -> Json:
+def promote(
+    client: TestClient,
+    engine: Engine,
+    registry: FakeRegistry,
+    p: dict[str, dict[str, str]],
+    version: int,
+    to: str,
+    approvers: tuple[str, ...] = ("alice",),
+) -> Json:
     t = request(client, p["erin"], to, version)
     for who in approvers:
         t = decide(client, p[who], t["id"])
@@ -75,8 +89,12 @@ def promote(client: TestClient, engine: Engine, registry: FakeRegistry,
 
 
 def test_walk_to_production_and_retire_the_old_champion(
-    client: TestClient, factory: Factory, engine: Engine, registry: FakeRegistry,
-    sink: MemorySink, people: dict[str, dict[str, str]],
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    sink: MemorySink,
+    people: dict[str, dict[str, str]],
 ) -> None:
     factory.version("fraud", 1)
     factory.version("fraud", 2)
@@ -114,8 +132,13 @@ def test_walk_to_production_and_retire_the_old_champion(
     assert client.get("/api/v1/audit/verify", headers=people["vic"]).json()["ok"] is True
 
 
-def test_apply_is_idempotent(client: TestClient, factory: Factory, engine: Engine,
-                             registry: FakeRegistry, people: dict[str, dict[str, str]]) -> None:
+def test_apply_is_idempotent(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     factory.version("fraud", 1)
     t = promote(client, engine, registry, people, 1, "shadow")
     audit_rows = len(client.get("/api/v1/audit?limit=200", headers=people["vic"]).json()["data"])
@@ -126,15 +149,19 @@ def test_apply_is_idempotent(client: TestClient, factory: Factory, engine: Engin
     assert after == audit_rows
 
 
-def test_separation_of_duties(client: TestClient, factory: Factory,
-                              people: dict[str, dict[str, str]]) -> None:
+def test_separation_of_duties(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]]
+) -> None:
     factory.version("fraud", 1, creator="dana")
     t = request(client, people["erin"], "shadow")
     r = decide(client, people["erin"], t["id"], expect=403)
     assert "requester" in r["detail"]
     # dana wrote the version; her author token may not decide either
-    r = client.post(f"/api/v1/transitions/{t['id']}/approvals", headers=people["dana"],
-                    json={"decision": "approve"})
+    r = client.post(
+        f"/api/v1/transitions/{t['id']}/approvals",
+        headers=people["dana"],
+        json={"decision": "approve"},
+    )
     assert r.status_code == 403
 
 
@@ -157,8 +184,9 @@ def test_double_decision_and_decisions_on_closed_transitions_conflict(
     assert decide(client, people["bob"], t["id"], expect=409)["code"] == "conflict"
 
 
-def test_reject_closes_the_transition(client: TestClient, factory: Factory,
-                                      people: dict[str, dict[str, str]]) -> None:
+def test_reject_closes_the_transition(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]]
+) -> None:
     factory.version("fraud", 1)
     t = request(client, people["erin"], "shadow")
     t = decide(client, people["alice"], t["id"], "reject")
@@ -168,27 +196,41 @@ def test_reject_closes_the_transition(client: TestClient, factory: Factory,
     request(client, people["erin"], "shadow")
 
 
-def test_stage_moved_meanwhile_is_409(client: TestClient, factory: Factory, engine: Engine,
-                                      registry: FakeRegistry,
-                                      people: dict[str, dict[str, str]]) -> None:
+def test_stage_moved_meanwhile_is_409(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     factory.version("fraud", 1)
     rejected = request(client, people["erin"], "rejected")
     # a second open transition for the same version is refused
-    r = client.post("/api/v1/transitions", headers=people["erin"],
-                    json={"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"})
+    r = client.post(
+        "/api/v1/transitions",
+        headers=people["erin"],
+        json={"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"},
+    )
     assert r.status_code == 409
     decide(client, people["alice"], rejected["id"])
     apply_transition(engine, registry, rejected["id"])
     assert stage(client, people["vic"]) == "rejected"
-    r = client.post("/api/v1/transitions", headers=people["erin"],
-                    json={"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"})
+    r = client.post(
+        "/api/v1/transitions",
+        headers=people["erin"],
+        json={"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x"},
+    )
     assert r.status_code == 409
     assert "cannot move" in r.json()["detail"]
 
 
-def test_approval_after_the_version_moved_is_409(client: TestClient, factory: Factory,
-                                                 engine: Engine, registry: FakeRegistry,
-                                                 people: dict[str, dict[str, str]]) -> None:
+def test_approval_after_the_version_moved_is_409(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     from stagegate.db import transaction
     from stagegate.governance import versions
 
@@ -204,9 +246,13 @@ def test_approval_after_the_version_moved_is_409(client: TestClient, factory: Fa
     assert "moved to rejected" in r["detail"]
 
 
-def test_swapped_artifact_voids_the_approval(client: TestClient, factory: Factory,
-                                             engine: Engine, registry: FakeRegistry,
-                                             people: dict[str, dict[str, str]]) -> None:
+def test_swapped_artifact_voids_the_approval(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     factory.version("fraud", 1)
     t = request(client, people["erin"], "shadow")
     t = decide(client, people["alice"], t["id"])
@@ -219,9 +265,13 @@ def test_swapped_artifact_voids_the_approval(client: TestClient, factory: Factor
     assert v["digest"] == "f" * 64
 
 
-def test_rollback_restores_the_previous_champion(client: TestClient, factory: Factory,
-                                                 engine: Engine, registry: FakeRegistry,
-                                                 people: dict[str, dict[str, str]]) -> None:
+def test_rollback_restores_the_previous_champion(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     for v in (1, 2):
         factory.version("fraud", v)
         for to in ("shadow", "canary"):
@@ -233,9 +283,13 @@ def test_rollback_restores_the_previous_champion(client: TestClient, factory: Fa
     assert registry.aliases["fraud"] == {"champion": 1}
 
 
-def test_production_at_time_and_approvers(client: TestClient, factory: Factory,
-                                          engine: Engine, registry: FakeRegistry,
-                                          people: dict[str, dict[str, str]]) -> None:
+def test_production_at_time_and_approvers(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     before = datetime.now(UTC)
     factory.version("fraud", 1)
     for to in ("shadow", "canary"):
@@ -248,8 +302,11 @@ def test_production_at_time_and_approvers(client: TestClient, factory: Factory,
     promote(client, engine, registry, people, 2, "production", ("bob", "alice"))
 
     def at(when: datetime) -> Json:
-        r = client.get("/api/v1/models/fraud/production", params={"at": when.isoformat()},
-                       headers=people["vic"])
+        r = client.get(
+            "/api/v1/models/fraud/production",
+            params={"at": when.isoformat()},
+            headers=people["vic"],
+        )
         assert r.status_code == 200, r.text
         body: Json = r.json()
         return body
@@ -264,29 +321,39 @@ def test_production_at_time_and_approvers(client: TestClient, factory: Factory,
     assert now["version"] == 2
     assert now["until"] is None
     assert now["transition"]["to_stage"] == "production"
-    naive = client.get("/api/v1/models/fraud/production", params={"at": "2026-01-01T00:00:00"},
-                       headers=people["vic"])
+    naive = client.get(
+        "/api/v1/models/fraud/production",
+        params={"at": "2026-01-01T00:00:00"},
+        headers=people["vic"],
+    )
     assert naive.status_code == 422
 
 
-def test_consumers_of_an_upstream_version(client: TestClient, factory: Factory,
-                                          people: dict[str, dict[str, str]]) -> None:
+def test_consumers_of_an_upstream_version(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]]
+) -> None:
     factory.version("embedder", 3)
     factory.version("ranker-a", 1, depends_on=(("embedder", 3),))
     factory.version("ranker-b", 1, depends_on=(("embedder", 3),))
     r = client.get("/api/v1/models/embedder/versions/3/consumers", headers=people["vic"])
     assert [(c["model"], c["version"]) for c in r.json()] == [("ranker-a", 1), ("ranker-b", 1)]
-    prod = client.get("/api/v1/models/embedder/versions/3/consumers?production_only=true",
-                      headers=people["vic"])
+    prod = client.get(
+        "/api/v1/models/embedder/versions/3/consumers?production_only=true", headers=people["vic"]
+    )
     assert prod.json() == []
     lineage = client.get("/api/v1/models/ranker-a/versions/1/lineage", headers=people["vic"])
     assert lineage.json()["version"]["depends_on"] == [
-        {"model": "embedder", "version": 3, "stage": "candidate"}]
+        {"model": "embedder", "version": 3, "stage": "candidate"}
+    ]
 
 
-def test_policy_is_data_per_model(client: TestClient, factory: Factory, engine: Engine,
-                                  registry: FakeRegistry,
-                                  people: dict[str, dict[str, str]]) -> None:
+def test_policy_is_data_per_model(
+    client: TestClient,
+    factory: Factory,
+    engine: Engine,
+    registry: FakeRegistry,
+    people: dict[str, dict[str, str]],
+) -> None:
     factory.version("fraud", 1)
     policy = client.get("/api/v1/models/fraud/policy", headers=people["vic"]).json()
     for rule in policy["approvals"]:
@@ -300,74 +367,109 @@ def test_policy_is_data_per_model(client: TestClient, factory: Factory, engine: 
     assert r.status_code == 422
 
 
-@pytest.mark.parametrize("body", [
-    {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x", "status": "applied"},
-    {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x", "id": "mine"},
-    {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x",
-     "created_at": "2020-01-01T00:00:00Z"},
-    {"model": "fraud", "version": 1, "to_stage": "heaven", "reason": "x"},
-    {"model": "fraud", "version": 0, "to_stage": "shadow", "reason": "x"},
-    {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": ""},
-    {"model": "fraud", "version": 1, "to_stage": "shadow"},
-    ["not", "an", "object"],
-])
-def test_bad_transition_bodies_are_422(client: TestClient, factory: Factory,
-                                       people: dict[str, dict[str, str]], body: Any) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x", "status": "applied"},
+        {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "x", "id": "mine"},
+        {
+            "model": "fraud",
+            "version": 1,
+            "to_stage": "shadow",
+            "reason": "x",
+            "created_at": "2020-01-01T00:00:00Z",
+        },
+        {"model": "fraud", "version": 1, "to_stage": "heaven", "reason": "x"},
+        {"model": "fraud", "version": 0, "to_stage": "shadow", "reason": "x"},
+        {"model": "fraud", "version": 1, "to_stage": "shadow", "reason": ""},
+        {"model": "fraud", "version": 1, "to_stage": "shadow"},
+        ["not", "an", "object"],
+    ],
+)
+def test_bad_transition_bodies_are_422(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]], body: Any
+) -> None:
     factory.version("fraud", 1)
     r = client.post("/api/v1/transitions", headers=people["erin"], json=body)
     assert r.status_code == 422, r.text
     assert r.json()["code"] == "invalid_request"
 
 
-@pytest.mark.parametrize("body", [
-    {"decision": "approve", "approved_by": "alice"},
-    {"decision": "approve", "status": "approved"},
-    {"decision": "maybe"},
-])
-def test_bad_approval_bodies_are_422(client: TestClient, factory: Factory,
-                                     people: dict[str, dict[str, str]], body: Json) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"decision": "approve", "approved_by": "alice"},
+        {"decision": "approve", "status": "approved"},
+        {"decision": "maybe"},
+    ],
+)
+def test_bad_approval_bodies_are_422(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]], body: Json
+) -> None:
     factory.version("fraud", 1)
     t = request(client, people["erin"], "shadow")
-    r = client.post(f"/api/v1/transitions/{t['id']}/approvals", headers=people["alice"],
-                    json=body)
+    r = client.post(f"/api/v1/transitions/{t['id']}/approvals", headers=people["alice"], json=body)
     assert r.status_code == 422, r.text
 
 
 def test_malformed_json_is_422(client: TestClient, people: dict[str, dict[str, str]]) -> None:
-    r = client.post("/api/v1/transitions", content=b"{not json",
-                    headers={**people["erin"], "Content-Type": "application/json"})
+    r = client.post(
+        "/api/v1/transitions",
+        content=b"{not json",
+        headers={**people["erin"], "Content-Type": "application/json"},
+    )
     assert r.status_code == 422
     assert "Traceback" not in r.text
 
 
-@pytest.mark.parametrize("path", ["/api/v1/models?limit=201", "/api/v1/transitions?limit=1000",
-                                  "/api/v1/audit?limit=100000", "/api/v1/models?offset=-1"])
-def test_page_size_over_the_cap_is_422(client: TestClient, people: dict[str, dict[str, str]],
-                                       path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/models?limit=201",
+        "/api/v1/transitions?limit=1000",
+        "/api/v1/audit?limit=100000",
+        "/api/v1/models?offset=-1",
+    ],
+)
+def test_page_size_over_the_cap_is_422(
+    client: TestClient, people: dict[str, dict[str, str]], path: str
+) -> None:
     assert client.get(path, headers=people["vic"]).status_code == 422
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/api/v1/models/nope/versions/1", None),
-    ("GET", "/api/v1/models/fraud/versions/99", None),
-    ("GET", "/api/v1/models/nope/production", None),
-    ("GET", "/api/v1/transitions/doesnotexist", None),
-    ("POST", "/api/v1/transitions/doesnotexist/approvals", {"decision": "approve"}),
-    ("POST", "/api/v1/transitions", {"model": "nope", "version": 1, "to_stage": "shadow",
-                                     "reason": "x"}),
-    ("GET", "/api/v1/models/nope/policy", None),
-])
-def test_unknown_names_are_404(client: TestClient, factory: Factory,
-                               people: dict[str, dict[str, str]], method: str, path: str,
-                               body: Json | None) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/v1/models/nope/versions/1", None),
+        ("GET", "/api/v1/models/fraud/versions/99", None),
+        ("GET", "/api/v1/models/nope/production", None),
+        ("GET", "/api/v1/transitions/doesnotexist", None),
+        ("POST", "/api/v1/transitions/doesnotexist/approvals", {"decision": "approve"}),
+        (
+            "POST",
+            "/api/v1/transitions",
+            {"model": "nope", "version": 1, "to_stage": "shadow", "reason": "x"},
+        ),
+        ("GET", "/api/v1/models/nope/policy", None),
+    ],
+)
+def test_unknown_names_are_404(
+    client: TestClient,
+    factory: Factory,
+    people: dict[str, dict[str, str]],
+    method: str,
+    path: str,
+    body: Json | None,
+) -> None:
     factory.version("fraud", 1)
     r = client.request(method, path, json=body, headers=people["root"])
     assert r.status_code == 404, r.text
     assert r.json()["code"] == "not_found"
 
 
-def test_list_filters(client: TestClient, factory: Factory,
-                      people: dict[str, dict[str, str]]) -> None:
+def test_list_filters(
+    client: TestClient, factory: Factory, people: dict[str, dict[str, str]]
+) -> None:
     factory.version("fraud", 1)
     factory.version("churn", 1)
     request(client, people["erin"], "shadow", model="fraud")
@@ -376,5 +478,4 @@ def test_list_filters(client: TestClient, factory: Factory,
     assert [t["model"] for t in r.json()["data"]] == ["churn"]
     r = client.get("/api/v1/transitions?status=applied", headers=people["vic"])
     assert r.json()["data"] == []
-    assert client.get("/api/v1/transitions?status=bogus",
-                      headers=people["vic"]).status_code == 422
+    assert client.get("/api/v1/transitions?status=bogus", headers=people["vic"]).status_code == 422

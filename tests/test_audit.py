@@ -15,8 +15,14 @@ from stagegate.governance import audit
 def _fill(engine: Engine, n: int = 5) -> None:
     with transaction(engine) as s:
         for i in range(n):
-            audit.append(s, actor="alice", action="test.event", entity_type="thing",
-                         entity_id=f"t{i}", data={"i": i, "nested": {"x": [1, 2.5, "z"]}})
+            audit.append(
+                s,
+                actor="alice",
+                action="test.event",
+                entity_type="thing",
+                entity_id=f"t{i}",
+                data={"i": i, "nested": {"x": [1, 2.5, "z"]}},
+            )
 
 
 def _verify(engine: Engine) -> audit.VerifyResult:
@@ -59,10 +65,13 @@ def _insert(conn) -> None:  # type: ignore[no-untyped-def]
 
     at = datetime(2026, 1, 1, tzinfo=UTC)
     forged = audit.entry_hash(row[0], 4, at, "mallory", "x", "y", "z", {})
-    conn.execute(text(
-        "INSERT INTO audit_log (seq, at, actor, action, entity_type, entity_id, data, "
-        "prev_hash, hash) VALUES (4, :at, 'mallory', 'x', 'y', 'z', '{}', :p, :h)"),
-        {"at": at.replace(tzinfo=None), "p": row[0], "h": forged})
+    conn.execute(
+        text(
+            "INSERT INTO audit_log (seq, at, actor, action, entity_type, entity_id, data, "
+            "prev_hash, hash) VALUES (4, :at, 'mallory', 'x', 'y', 'z', '{}', :p, :h)"
+        ),
+        {"at": at.replace(tzinfo=None), "p": row[0], "h": forged},
+    )
     conn.execute(text("UPDATE audit_head SET seq = seq + 1"))
 
 
@@ -74,14 +83,17 @@ def _edit_data(conn) -> None:  # type: ignore[no-untyped-def]
     conn.execute(text("UPDATE audit_log SET data = :d WHERE seq = 2"), {"d": '{"i": 99}'})
 
 
-@pytest.mark.parametrize(("tamper", "first_bad", "word"), [
-    (_edit, 3, "edited"),
-    (_edit_data, 2, "edited"),
-    (_delete, 4, "deleted"),
-    (_reorder, 2, "prev_hash"),
-    (_insert, 5, "prev_hash"),
-    (_truncate_tail, 5, "removed from the end"),
-])
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "word"),
+    [
+        (_edit, 3, "edited"),
+        (_edit_data, 2, "edited"),
+        (_delete, 4, "deleted"),
+        (_reorder, 2, "prev_hash"),
+        (_insert, 5, "prev_hash"),
+        (_truncate_tail, 5, "removed from the end"),
+    ],
+)
 def test_tampering_is_detected_at_the_first_bad_row(
     engine: Engine, tamper: Callable[..., None], first_bad: int, word: str
 ) -> None:
@@ -104,9 +116,13 @@ def test_a_rolled_back_change_leaves_no_audit_row(engine: Engine) -> None:
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom), transaction(engine) as s:
-        audit.append(s, actor="a", action="b", entity_type="c", entity_id="d")
-        raise Boom
+    def change_then_fail() -> None:
+        with transaction(engine) as s:
+            audit.append(s, actor="a", action="b", entity_type="c", entity_id="d")
+            raise Boom
+
+    with pytest.raises(Boom):
+        change_then_fail()
     result = _verify(engine)
     assert result.ok
     assert result.rows == 0

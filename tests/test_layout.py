@@ -15,9 +15,15 @@ def test_platform_folder_has_no_init() -> None:
 
 def test_stdlib_platform_still_imports_from_repo_root() -> None:
     out = subprocess.run(
-        [sys.executable, "-c",
-         "import platform, stagegate; print(platform.system(), platform.python_version())"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import platform, stagegate; print(platform.system(), platform.python_version())",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out[0] == __import__("platform").system()
     assert out[1].startswith("3.11")

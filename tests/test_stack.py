@@ -18,7 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 import stagegate
-from stagegate.errors import PermanentError
+from stagegate.errors import InvalidInput, PermanentError
 from stagegate.settings import Settings
 from stagegate.stack import (
     HealthCheck,
@@ -49,6 +49,7 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
+    """A private home; whatever the test left running is stopped afterwards."""
     settings = Settings(home=tmp_path / "home")
     yield settings
     down(settings, timeout_s=2)
@@ -253,7 +254,7 @@ def test_down_reaps_orphans_of_a_dead_leader(settings: Settings) -> None:
 
 
 def test_unknown_service_is_refused(settings: Settings) -> None:
-    with pytest.raises(stagegate.errors.InvalidInput, match="unknown service"):
+    with pytest.raises(InvalidInput, match="unknown service"):
         up(settings, specs=[web_spec(free_port())], services=["nope"])
 
 
@@ -269,8 +270,10 @@ def test_secrets_are_created_once_private_and_reused(tmp_path: Path) -> None:
     assert load_secrets(Settings(home=tmp_path / "other")) != first
 
 
-def test_default_specs_wire_secrets_ports_and_order(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path)
+def test_default_specs_wire_secrets_ports_and_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(home=tmp_path, api={"port": 9999}, lifecycle={"approval_ttl_days": 3})
     secrets = load_secrets(settings)
     specs = {s.name: s for s in default_specs(settings, secrets)}
 
@@ -293,6 +296,19 @@ def test_default_specs_wire_secrets_ports_and_order(tmp_path: Path) -> None:
     assert specs["worker"].env["PREFECT_RUNNER_POLL_FREQUENCY"] == "1"
     assert specs["worker"].health_check.ready_file == worker_ready_file(settings)
     assert worker_ready_file(settings) == tmp_path / "run" / "worker.ready"
+
+    # The children rebuild the very same settings from their environment.
+    for key, value in api_env.items():
+        if key.startswith("STAGEGATE_"):
+            monkeypatch.setenv(key, value)
+    rebuilt = Settings()
+    assert rebuilt.api.port == 9999
+    assert rebuilt.lifecycle.approval_ttl_days == 3
+    assert rebuilt.webhook.secret == secrets.webhook_secret
+    assert rebuilt.model_dump(exclude={"webhook", "db"}) == settings.model_dump(
+        exclude={"webhook", "db"}
+    )
+    monkeypatch.undo()
 
     mismatch = Settings(home=tmp_path, mlflow={"port": 1234})
     with pytest.raises(PermanentError, match="same port"):

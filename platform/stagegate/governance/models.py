@@ -54,7 +54,7 @@ class ApiToken(SQLModel, table=True):
     __tablename__ = "api_token"
 
     id: str = Field(default_factory=_uuid, primary_key=True)
-    name: str = Field(index=True, unique=True, max_length=100)
+    name: str = Field(index=True, max_length=100)  # the identity; one may hold several
     role: Role = _enum(Role)
     token_hash: str = Field(unique=True, max_length=64)
     created_at: datetime = _ts()

@@ -32,8 +32,11 @@ def hash_token(token: str) -> str:
 
 def create_token(session: Session, *, name: str, role: Role, actor: str = "cli") -> str:
     """Create a token and return its secret; only its hash is kept."""
-    if session.exec(select(ApiToken).where(ApiToken.name == name)).first():
-        raise ConflictError(f"a token named {name!r} already exists")
+    existing = session.exec(
+        select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
+    ).first()
+    if existing is not None and existing.role != role:
+        raise ConflictError(f"{name!r} already holds role {existing.role}; one role per identity")
     secret = PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, role=role, token_hash=hash_token(secret))
     session.add(token)
@@ -48,17 +51,25 @@ def create_token(session: Session, *, name: str, role: Role, actor: str = "cli")
     return secret
 
 
-def revoke_token(session: Session, *, name: str, actor: str = "cli") -> None:
-    token = session.exec(
+def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:
+    """Revoke every active token of `name`; returns how many."""
+    active = session.exec(
         select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
-    ).first()
-    if token is None:
+    ).all()
+    if not active:
         raise NotFoundError(f"no active token named {name!r}")
-    token.revoked_at = utcnow()
-    session.add(token)
+    for token in active:
+        token.revoked_at = utcnow()
+        session.add(token)
     audit.append(
-        session, actor=actor, action="token.revoked", entity_type="token", entity_id=name, data={}
+        session,
+        actor=actor,
+        action="token.revoked",
+        entity_type="token",
+        entity_id=name,
+        data={"count": len(active)},
     )
+    return len(active)
 
 
 def authenticate(session: Session, secret: str) -> Principal | None:

@@ -1,6 +1,6 @@
 """The embedded default stack (MLflow, Prefect, API, worker) as local processes under `home`."""
 
-from stagegate.stack.secrets import StackSecrets, load_secrets
+from stagegate.stack.secrets import StackSecrets, effective_webhook_secret, load_secrets
 from stagegate.stack.specs import HealthCheck, ServiceSpec, default_specs, worker_ready_file
 from stagegate.stack.supervisor import ServiceStatus, down, status, up
 
@@ -11,6 +11,7 @@ __all__ = [
     "StackSecrets",
     "default_specs",
     "down",
+    "effective_webhook_secret",
     "load_secrets",
     "status",
     "up",

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel, Field, ValidationError
 
 from stagegate.errors import PermanentError
-from stagegate.settings import Settings
+from stagegate.settings import DEV_WEBHOOK_SECRET, Settings
 
 
 class StackSecrets(BaseModel):
@@ -56,3 +56,10 @@ def _create(path: Path) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def effective_webhook_secret(settings: Settings, secrets: StackSecrets) -> str:
+    """An explicitly configured secret wins over the generated one, so both sides agree."""
+    if settings.webhook.secret != DEV_WEBHOOK_SECRET:
+        return settings.webhook.secret
+    return secrets.webhook_secret

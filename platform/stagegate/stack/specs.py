@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagegate.errors import PermanentError
-from stagegate.settings import DEV_WEBHOOK_SECRET, Settings
-from stagegate.stack.secrets import StackSecrets
+from stagegate.settings import Settings
+from stagegate.stack.secrets import StackSecrets, effective_webhook_secret
 
 SERVICE_NAMES = ("mlflow", "prefect", "api", "worker")
 # The folder that holds the `stagegate` package, for children when it is not installed.
@@ -171,12 +171,7 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         port=settings.prefect.port,
     )
 
-    # An explicitly configured secret wins over the generated one, so both sides agree.
-    webhook_secret = (
-        settings.webhook.secret
-        if settings.webhook.secret != DEV_WEBHOOK_SECRET
-        else secrets.webhook_secret
-    )
+    webhook_secret = effective_webhook_secret(settings, secrets)
     python_path = os.pathsep.join(p for p in (str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)
     app_env = _path_env(
         {
@@ -186,6 +181,11 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
             "STAGEGATE_WEBHOOK__SECRET": webhook_secret,
             "STAGEGATE_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
             "MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
+            # MLflow's client retries 7 times with backoff by default: minutes before a
+            # RetryableError surfaces. Flows have their own retries, so keep these short.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
             "PREFECT_API_URL": settings.prefect.api_url,
             "PREFECT_HOME": str(prefect_home),
             "PYTHONPATH": python_path,

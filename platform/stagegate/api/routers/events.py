@@ -90,7 +90,15 @@ def mlflow_webhook(
         OutEvent(
             event=event_name,
             resource=model_resource(name, version, **{"mlflow.delivery_id": headers.delivery_id}),
-            payload={"entity": entity, "action": action, "delivery_id": headers.delivery_id},
+            # Typed copies for trigger templates: resource labels are strings, and Prefect
+            # validates run parameters against the flow's schema (`version: int`).
+            payload={
+                "entity": entity,
+                "action": action,
+                "delivery_id": headers.delivery_id,
+                "name": name,
+                "version": version,
+            },
         )
     )
     session.commit()

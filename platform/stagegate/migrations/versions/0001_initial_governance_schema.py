@@ -43,7 +43,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("token_hash"),
     )
     with op.batch_alter_table("api_token", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_api_token_name"), ["name"], unique=True)
+        batch_op.create_index(batch_op.f("ix_api_token_name"), ["name"], unique=False)
 
     op.create_table(
         "audit_head",

@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers that add retries, triggers and schedules to `stagegate.steps`."""

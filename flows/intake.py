@@ -1,0 +1,36 @@
+"""intake: triggered by `mlflow.model_version.created`; records the version, opens ->shadow."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from stagegate import runtime
+from stagegate.steps.intake import intake as intake_step
+from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
+
+
+@task(
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=only_retryable,
+)
+def record_and_open(name: str, version: int) -> dict[str, Any]:
+    rt = runtime.current()
+    return asdict(intake_step(rt.engine, rt.registry, rt.sink, name, version))
+
+
+@flow(name="intake", log_prints=True)
+def intake(name: str, version: int) -> dict[str, Any]:
+    result = record_and_open(name, version)
+    get_run_logger().info(
+        "%s v%s recorded=%s transition=%s digest=%s",
+        name,
+        version,
+        result["recorded"],
+        result["transition_id"],
+        result["digest"][:12],
+    )
+    return result

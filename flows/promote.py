@@ -1,0 +1,39 @@
+"""promote: triggered by `stagegate.transition.approved`; applies the transition.
+
+It moves the stage (retiring a displaced champion), records the deployment windows and
+mirrors aliases into the registry. Keyed by the transition id, so a rerun is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from stagegate import runtime
+from stagegate.steps.apply import apply_transition
+from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
+
+
+@task(
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=only_retryable,
+)
+def apply(transition_id: str) -> dict[str, Any]:
+    rt = runtime.current()
+    return asdict(apply_transition(rt.engine, rt.registry, transition_id))
+
+
+@flow(name="promote", log_prints=True)
+def promote(transition_id: str) -> dict[str, Any]:
+    result = apply(transition_id)
+    get_run_logger().info(
+        "transition %s: %s (%s); mirrored %s",
+        transition_id,
+        result["status"],
+        result["reason"],
+        result["mirrored"],
+    )
+    return result

@@ -1,0 +1,223 @@
+"""The `stagegate` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stagegate.errors import StagegateError
+from stagegate.lifecycle.stages import Role
+from stagegate.settings import Settings, get_settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Stagegate: gated promotion of MLflow model versions.",
+)
+token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
+db_app = typer.Typer(no_args_is_help=True, help="The governance database.")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+WEBHOOK_EVENTS = ["model_version.created"]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def _start_stack(settings: Settings) -> dict[str, object]:
+    from stagegate import stack
+    from stagegate.migrate import upgrade
+    from stagegate.registry.mlflow import MlflowRegistry
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    started = time.monotonic()
+    statuses = stack.up(settings, on_event=lambda line: console.print(f"  {line}"))
+    secrets = stack.load_secrets(settings)
+    hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
+        settings.api.url + "/api/v1/events/mlflow", secrets.webhook_secret, WEBHOOK_EVENTS
+    )
+    console.print(f"  webhook {hook} -> {settings.api.url}/api/v1/events/mlflow")
+    console.print(f"stack ready in {time.monotonic() - started:.1f} s")
+    return dict(statuses)
+
+
+@app.command()
+def up() -> None:
+    """Start MLflow, Prefect, the API and the worker under $STAGEGATE_HOME (.stagegate/)."""
+    try:
+        _start_stack(get_settings())
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    status(as_json=False)
+
+
+@app.command()
+def down() -> None:
+    """Stop every service of the embedded stack."""
+    from stagegate import stack
+
+    stopped = stack.down(get_settings())
+    console.print("stopped: " + (", ".join(stopped) or "nothing was running"))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Each service's URL, PID and health."""
+    from stagegate import stack
+
+    statuses = stack.status(get_settings())
+    if as_json:
+        typer.echo(
+            json.dumps({k: v.model_dump(mode="json") for k, v in statuses.items()}, indent=2)
+        )
+        return
+    table = Table("service", "url", "pid", "healthy", "rss MiB")
+    for name, s in statuses.items():
+        rss = f"{s.rss_bytes / 2**20:.0f}" if s.rss_bytes else "-"
+        table.add_row(name, s.url or "-", str(s.pid or "-"), "yes" if s.healthy else "no", rss)
+    console.print(table)
+
+
+@app.command()
+def worker() -> None:
+    """Serve the flow deployments of prefect.yaml, with their triggers (used by `up`)."""
+    from stagegate import worker as worker_mod
+    from stagegate.stack import worker_ready_file
+
+    settings = get_settings()
+    worker_mod.serve(poll_s=settings.prefect.runner_poll_s, ready_file=worker_ready_file(settings))
+
+
+@app.command()
+def reconcile() -> None:
+    """Run one reconcile pass now (the worker also runs it every minute)."""
+    from dataclasses import asdict
+
+    from stagegate import runtime
+    from stagegate.steps.reconcile import reconcile as step
+
+    rt = runtime.current()
+    report = step(
+        rt.engine, rt.registry, rt.sink, stale_after_s=rt.settings.lifecycle.stale_transition_s
+    )
+    typer.echo(json.dumps(asdict(report), indent=2))
+
+
+@app.command()
+def demo(
+    exit_: Annotated[
+        bool, typer.Option("--exit", help="Stop the stack after; exit 0 on success.")
+    ] = False,
+    model: Annotated[str, typer.Option(help="Registered model name to use.")] = "demo-fraud",
+) -> None:
+    """Train, register v1 and v2 with MLflow's client, and approve both into production."""
+    from stagegate import stack
+    from stagegate.demo import Demo, DemoFailed
+
+    settings = get_settings()
+    ok = False
+    try:
+        console.rule("starting the embedded stack")
+        _start_stack(settings)
+        console.rule("the lifecycle of two versions")
+        ok = Demo(settings, console, model=model).run()
+    except (DemoFailed, StagegateError) as exc:
+        err.print(f"[red]demo failed:[/] {exc}")
+    finally:
+        if exit_:
+            stack.down(settings)
+    if not exit_:
+        console.print(
+            f"\nAPI docs: {settings.api.url}/api/docs   MLflow: "
+            f"{settings.mlflow.tracking_uri}   Prefect: "
+            f"{settings.prefect.api_url.removesuffix('/api')}\n"
+            "Stop everything with: .venv/bin/stagegate down"
+        )
+    raise typer.Exit(0 if ok else 1)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[Role, typer.Option(help="viewer, author, approver, admin or service.")],
+    name: Annotated[str, typer.Option(help="The identity approvals and audit rows name.")],
+) -> None:
+    """Create an API token and print it (only its hash is stored)."""
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import tokens
+    from stagegate.migrate import upgrade
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    try:
+        with transaction(make_engine(settings.database_url)) as s:
+            secret = tokens.create_token(s, name=name, role=role)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(secret)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Option(help="Identity whose tokens to revoke.")],
+) -> None:
+    """Revoke every active token of an identity."""
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import tokens
+
+    try:
+        with transaction(make_engine(get_settings().database_url)) as s:
+            n = tokens.revoke_token(s, name=name)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(f"revoked {n} token(s) of {name}")
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Walk the hash chain; exit 1 and name the first bad row if it was tampered with."""
+    from dataclasses import asdict
+
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import audit
+
+    with transaction(make_engine(get_settings().database_url)) as s:
+        result = audit.verify(s)
+    if as_json:
+        typer.echo(json.dumps(asdict(result)))
+    elif result.ok:
+        console.print(f"audit chain ok: {result.rows} rows, head {result.head_hash[:16]}")
+    else:
+        console.print(f"[red]audit chain broken at row {result.first_bad_seq}:[/] {result.reason}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations."""
+    from stagegate.migrate import upgrade
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    console.print("database at head")
+
+
+if __name__ == "__main__":
+    app()

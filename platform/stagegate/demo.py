@@ -1,0 +1,239 @@
+"""`stagegate demo`: a data scientist registers two versions; people approve them to production.
+
+This module plays the data scientist, so it uses MLflow's own client directly (the platform
+itself reaches MLflow only through `registry/mlflow.py`). It trains on generated data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from stagegate.db import make_engine, transaction
+from stagegate.governance import tokens
+from stagegate.lifecycle.stages import Role
+from stagegate.settings import Settings
+
+PEOPLE: dict[str, Role] = {
+    "dana": Role.author,
+    "alice": Role.approver,
+    "bob": Role.approver,
+    "vic": Role.viewer,
+    "ops": Role.admin,
+}
+
+
+class DemoFailed(Exception):
+    pass
+
+
+@dataclass
+class Demo:
+    settings: Settings
+    console: Console
+    model: str = "demo-fraud"
+    timeout_s: float = 90.0
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.api = httpx.Client(base_url=self.settings.api.url, timeout=15.0)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    def call(self, who: str, method: str, path: str, **kw: Any) -> Any:
+        r = self.api.request(method, path, headers=self.headers[who], **kw)
+        if r.status_code >= 400:
+            raise DemoFailed(f"{method} {path} as {who}: {r.status_code} {r.text}")
+        return r.json()
+
+    def wait_for(self, what: str, probe: Callable[[], Any]) -> tuple[Any, float]:
+        start = time.monotonic()
+        while time.monotonic() - start < self.timeout_s:
+            found = probe()
+            if found:
+                return found, time.monotonic() - start
+            time.sleep(0.25)
+        raise DemoFailed(f"timed out after {self.timeout_s:.0f} s waiting for {what}")
+
+    def stage_of(self, version: int) -> str | None:
+        r = self.api.get(
+            f"/api/v1/models/{self.model}/versions/{version}", headers=self.headers["vic"]
+        )
+        return str(r.json()["stage"]) if r.status_code == 200 else None
+
+    def open_transition(self, version: int) -> dict[str, Any] | None:
+        page = self.call(
+            "vic", "GET", "/api/v1/transitions", params={"model": self.model, "status": "pending"}
+        )
+        return next((t for t in page["data"] if t["version"] == version), None)
+
+    # -- the story -------------------------------------------------------------------------
+    def quiet_mlflow(self) -> None:
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    def issue_tokens(self) -> None:
+        engine = make_engine(self.settings.database_url)
+        with transaction(engine) as s:
+            for name, role in PEOPLE.items():
+                self.headers[name] = {
+                    "Authorization": "Bearer "
+                    + tokens.create_token(s, name=name, role=role, actor="demo")
+                }
+        engine.dispose()
+        self.say(
+            "[bold]1.[/] tokens issued: dana (author), alice and bob (approvers), "
+            "vic (viewer), ops (admin)"
+        )
+
+    def register(self, c: float) -> tuple[int, float]:
+        """Train a logistic regression (stronger with higher C) and register it."""
+        import mlflow
+        import mlflow.data
+        import mlflow.sklearn
+        import pandas as pd
+        from sklearn.datasets import make_classification
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+
+        x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, random_state=7)
+        frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
+        x_tr, x_te, y_tr, y_te = train_test_split(frame, y, test_size=0.3, random_state=7)
+        model = LogisticRegression(C=c, max_iter=500).fit(x_tr, y_tr)
+        accuracy = float(model.score(x_te, y_te))
+        mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
+        mlflow.set_experiment("stagegate-demo")
+        with warnings.catch_warnings(), mlflow.start_run():
+            # MLflow hints about integer targets in the logged dataset; not a demo concern.
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.log_params({"C": c, "model": "logistic_regression"})
+            mlflow.log_metric("accuracy", accuracy)
+            data: Any = mlflow.data
+            mlflow.log_input(
+                data.from_pandas(x_tr.assign(target=y_tr), name="fraud-train", targets="target"),
+                context="training",
+            )
+            info: Any = mlflow.sklearn.log_model(
+                model,
+                name="model",
+                input_example=x_tr.head(2),
+                pip_requirements=["scikit-learn", "pandas"],
+            )
+            registered: Any = mlflow.register_model(info.model_uri, self.model)
+        return int(registered.version), accuracy
+
+    def approve(self, who: str, tid: str) -> dict[str, Any]:
+        t: dict[str, Any] = self.call(
+            who,
+            "POST",
+            f"/api/v1/transitions/{tid}/approvals",
+            json={"decision": "approve", "comment": f"ok by {who}"},
+        )
+        return t
+
+    def move(
+        self,
+        version: int,
+        to: str,
+        approvers: tuple[str, ...],
+        transition: dict[str, Any] | None = None,
+    ) -> None:
+        if transition is None:
+            transition = self.call(
+                "dana",
+                "POST",
+                "/api/v1/transitions",
+                json={
+                    "model": self.model,
+                    "version": version,
+                    "to_stage": to,
+                    "reason": f"demo: ready for {to}",
+                },
+            )
+        for who in approvers:
+            transition = self.approve(who, transition["id"])
+        gates = ", ".join(f"{g['gate']}: {g['reason']}" for g in transition["gates"])
+        if transition["status"] != "approved":
+            raise DemoFailed(f"v{version}->{to} not approved: {gates}")
+        _, waited = self.wait_for(f"v{version} to reach {to}", lambda: self.stage_of(version) == to)
+        self.timings.setdefault("approved_to_applied_s", waited)
+        self.say(
+            f"   v{version} -> [green]{to}[/] (approved by {', '.join(approvers)}; "
+            f"applied by the promote flow {waited:.1f} s later)\n      gates: {gates}"
+        )
+
+    def version_story(self, step: int, c: float) -> int:
+        started = time.monotonic()
+        version, accuracy = self.register(c)
+        registered = time.monotonic()
+        self.say(
+            f"[bold]{step}.[/] dana registered {self.model} v{version} "
+            f"(accuracy {accuracy:.3f}) with MLflow's client in "
+            f"{registered - started:.1f} s"
+        )
+        t, waited = self.wait_for(
+            f"intake to open a transition for v{version}", lambda: self.open_transition(version)
+        )
+        self.timings.setdefault("register_to_transition_s", waited)
+        self.say(
+            f"   webhook -> Prefect event -> intake flow opened candidate->shadow in {waited:.1f} s"
+        )
+        if step == 2:
+            self.set_policy()
+        self.move(version, "shadow", ("alice",), t)
+        self.move(version, "canary", ("bob",))
+        self.move(version, "production", ("alice", "bob"))
+        return version
+
+    def set_policy(self) -> None:
+        policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
+        policy["primary_metric"] = "accuracy"
+        self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
+        self.say("   ops set the model's policy: accuracy must match or beat the champion")
+
+    def check_registry(self, champion: int, retired: int) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.settings.mlflow.tracking_uri)
+        alias = int(client.get_model_version_by_alias(self.model, "champion").version)
+        tag = client.get_model_version(self.model, str(retired)).tags.get("stagegate.stage")
+        if alias != champion or tag != "retired":
+            raise DemoFailed(f"MLflow shows champion v{alias}, v{retired} tagged {tag}")
+        self.say(f"   MLflow: alias champion -> v{champion}; v{retired} tagged retired")
+
+    def run(self) -> bool:
+        self.quiet_mlflow()
+        self.issue_tokens()
+        v1 = self.version_story(2, c=1e-4)
+        between = datetime.now(UTC)
+        v2 = self.version_story(3, c=1e-3)
+        self.say(f"[bold]4.[/] v{v2} is champion; v{v1} retired as part of the same transition")
+        self.check_registry(v2, v1)
+        then = self.call(
+            "vic",
+            "GET",
+            f"/api/v1/models/{self.model}/production",
+            params={"at": between.isoformat()},
+        )
+        approvers = ", ".join(a["approver"] for a in then["approved_by"])
+        self.say(
+            f"[bold]5.[/] production at {between:%H:%M:%S}: v{then['version']} "
+            f"(approved by {approvers})"
+        )
+        verdict = self.call("vic", "GET", "/api/v1/audit/verify")
+        self.say(
+            f"[bold]6.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
+            f"({verdict['rows']} rows)"
+        )
+        return bool(then["version"] == v1 and verdict["ok"])
