@@ -35,8 +35,10 @@ def migrated_engine(
     else:
         assert PG_URL is not None
         url = PG_URL
-        with make_engine(url).begin() as conn:  # a previous run may have left tables
+        scratch = make_engine(url)
+        with scratch.begin() as conn:  # a previous run may have left tables
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        scratch.dispose()
     upgrade(url)
     engine = make_engine(url)
     yield engine

@@ -126,3 +126,26 @@ def test_a_rolled_back_change_leaves_no_audit_row(engine: Engine) -> None:
     result = _verify(engine)
     assert result.ok
     assert result.rows == 0
+
+
+def test_concurrent_writers_never_fork_the_chain(engine: Engine) -> None:
+    """The head-row lock serialises appenders on SQLite and PostgreSQL alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def writer(n: int) -> None:
+        for i in range(10):
+            with transaction(engine) as s:
+                audit.append(
+                    s,
+                    actor=f"w{n}",
+                    action="test.concurrent",
+                    entity_type="t",
+                    entity_id=f"{n}-{i}",
+                    data={"i": i},
+                )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(writer, range(6)))
+    result = _verify(engine)
+    assert result.ok, result
+    assert result.rows == 60

@@ -1,0 +1,59 @@
+# Stagegate: `make demo` runs the lifecycle on the embedded stack, `make test` runs every check.
+# Both set themselves up from a fresh clone.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+STAMP  := $(VENV)/.installed
+PG_DIR  ?= /tmp/stagegate-test-pg
+PG_PORT ?= 54329
+
+.PHONY: demo test lint typecheck imports pytest bench lock debs clean down
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/stagegate demo
+
+down: $(STAMP)
+	$(BIN)/stagegate down
+
+# Debian packages the tests need: a PostgreSQL server (the suite runs on SQLite and PostgreSQL).
+debs:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
+pytest: $(STAMP) debs
+	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
+	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
+
+test: lint typecheck imports pytest
+
+bench: $(STAMP)
+	@set -e; for b in benchmarks/*.py; do [ -e "$$b" ] || { echo "no benchmarks yet"; break; }; \
+	  echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
+
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
