@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated
 
 import typer
@@ -29,30 +28,16 @@ app.add_typer(db_app, name="db")
 console = Console()
 err = Console(stderr=True)
 
-WEBHOOK_EVENTS = ["model_version.created"]
-
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/] {message}")
     return typer.Exit(code)
 
 
-def _start_stack(settings: Settings) -> dict[str, object]:
-    from stagegate import stack
-    from stagegate.migrate import upgrade
-    from stagegate.registry.mlflow import MlflowRegistry
+def _start_stack(settings: Settings) -> None:
+    from stagegate import embedded
 
-    settings.home.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.database_url)
-    started = time.monotonic()
-    statuses = stack.up(settings, on_event=lambda line: console.print(f"  {line}"))
-    secrets = stack.load_secrets(settings)
-    hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
-        settings.api.url + "/api/v1/events/mlflow", secrets.webhook_secret, WEBHOOK_EVENTS
-    )
-    console.print(f"  webhook {hook} -> {settings.api.url}/api/v1/events/mlflow")
-    console.print(f"stack ready in {time.monotonic() - started:.1f} s")
-    return dict(statuses)
+    embedded.start(settings, on_event=lambda line: console.print(f"  {line}"))
 
 
 @app.command()

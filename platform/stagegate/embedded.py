@@ -1,0 +1,31 @@
+"""Bring up the embedded default stack: migrate, start the services, register the webhook."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from stagegate import stack
+from stagegate.migrate import upgrade
+from stagegate.registry.mlflow import MlflowRegistry
+from stagegate.settings import Settings
+
+WEBHOOK_EVENTS = ["model_version.created"]
+WEBHOOK_PATH = "/api/v1/events/mlflow"
+
+
+def start(
+    settings: Settings, *, on_event: Callable[[str], None] = lambda _: None, timeout_s: float = 180
+) -> dict[str, stack.ServiceStatus]:
+    """Idempotent: services already running are left alone; the webhook is updated in place."""
+    started = time.monotonic()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    statuses = stack.up(settings, on_event=on_event, timeout_s=timeout_s)
+    secret = stack.effective_webhook_secret(settings, stack.load_secrets(settings))
+    hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
+        settings.api.url + WEBHOOK_PATH, secret, WEBHOOK_EVENTS
+    )
+    on_event(f"webhook {hook} -> {settings.api.url}{WEBHOOK_PATH}")
+    on_event(f"stack ready in {time.monotonic() - started:.1f} s")
+    return statuses

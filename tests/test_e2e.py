@@ -1,0 +1,147 @@
+"""End to end on the real embedded stack: MLflow, Prefect, the API and the worker.
+
+Register with MLflow's client -> webhook -> Prefect event -> intake flow opens a transition
+-> approvals through the API -> promote flow -> production, alias moved, audit intact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from stagegate import embedded, stack
+from stagegate.db import make_engine, transaction
+from stagegate.governance import tokens
+from stagegate.lifecycle.stages import Role
+from stagegate.settings import ApiSettings, MlflowSettings, PrefectSettings, Settings
+from tests.fixtures.mlflow_server import free_port, register_sklearn_model
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "e2e-fraud"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    mlflow_port, prefect_port, api_port = free_port(), free_port(), free_port()
+    settings = Settings(
+        home=tmp_path_factory.mktemp("stack") / "home",
+        mlflow=MlflowSettings(port=mlflow_port, tracking_uri=f"http://127.0.0.1:{mlflow_port}"),
+        prefect=PrefectSettings(port=prefect_port, api_url=f"http://127.0.0.1:{prefect_port}/api"),
+        api=ApiSettings(port=api_port),
+    )
+    try:
+        embedded.start(settings)
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 90) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := probe():
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_registered_version_reaches_production(live: Settings) -> None:
+    engine = make_engine(live.database_url)
+    with transaction(engine) as s:
+        who = {
+            name: {"Authorization": "Bearer " + tokens.create_token(s, name=name, role=role)}
+            for name, role in [
+                ("dana", Role.author),
+                ("alice", Role.approver),
+                ("bob", Role.approver),
+                ("vic", Role.viewer),
+            ]
+        }
+    engine.dispose()
+    with httpx.Client(base_url=live.api.url, timeout=15, trust_env=False) as api:
+        walk_to_production(live, api, who)
+
+
+def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[str, str]]) -> None:
+    # 1. A data scientist registers a version with MLflow's own client.
+    registered_at = time.monotonic()
+    version, run_id = register_sklearn_model(live.mlflow.tracking_uri, MODEL)
+
+    # 2. Webhook -> Prefect event -> intake flow: a candidate->shadow transition opens.
+    def opened() -> dict[str, Any] | None:
+        page = api.get("/api/v1/transitions", params={"model": MODEL}, headers=who["vic"])
+        return next((t for t in page.json()["data"] if t["version"] == version), None)
+
+    t = wait_for("intake to open a transition", opened)
+    print(f"register -> transition opened: {time.monotonic() - registered_at:.1f} s")
+    assert t["from_stage"] == "candidate"
+    assert t["to_stage"] == "shadow"
+    assert t["requested_by"] == "stagegate"
+    v = api.get(f"/api/v1/models/{MODEL}/versions/{version}", headers=who["vic"]).json()
+    assert v["run_id"] == run_id
+    assert len(v["digest"]) == 64
+    assert v["datasets"], "intake records the training dataset"
+
+    def stage() -> str:
+        r = api.get(f"/api/v1/models/{MODEL}/versions/{version}", headers=who["vic"])
+        return str(r.json()["stage"])
+
+    # 3. Approvals arrive through the API; the promote flow applies each move.
+    def approve(tid: str, *approvers: str) -> None:
+        for name in approvers:
+            r = api.post(
+                f"/api/v1/transitions/{tid}/approvals",
+                headers=who[name],
+                json={"decision": "approve", "comment": "e2e"},
+            )
+            assert r.status_code == 201, r.text
+        assert r.json()["status"] == "approved", r.json()
+
+    approve(t["id"], "alice")
+    wait_for("shadow", lambda: stage() == "shadow")
+    for to, approvers in (("canary", ("bob",)), ("production", ("alice", "bob"))):
+        r = api.post(
+            "/api/v1/transitions",
+            headers=who["dana"],
+            json={"model": MODEL, "version": version, "to_stage": to, "reason": "e2e"},
+        )
+        assert r.status_code == 201, r.text
+        approve(r.json()["id"], *approvers)
+        wait_for(to, lambda to=to: stage() == to)
+
+    # 4. Production in the API, the alias moved in MLflow, and the audit chain verifies.
+    prod = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()
+    assert prod["version"] == version
+    assert sorted(a["approver"] for a in prod["approved_by"]) == ["alice", "bob"]
+    mv = httpx.get(
+        f"{live.mlflow.tracking_uri}/api/2.0/mlflow/registered-models/alias",
+        params={"name": MODEL, "alias": "champion"},
+        trust_env=False,
+    ).json()
+    assert int(mv["model_version"]["version"]) == version
+    tags = {t["key"]: t["value"] for t in mv["model_version"].get("tags", [])}
+    assert tags["stagegate.stage"] == "production"
+    verdict = api.get("/api/v1/audit/verify", headers=who["vic"]).json()
+    assert verdict["ok"], verdict
+    actions = {
+        e["action"] for e in api.get("/api/v1/audit?limit=200", headers=who["vic"]).json()["data"]
+    }
+    assert {
+        "webhook.received",
+        "version.recorded",
+        "approval.approve",
+        "transition.applied",
+    } <= actions
+
+
+def test_status_reports_every_service_and_down_leaves_nothing(live: Settings) -> None:
+    statuses = stack.status(live)
+    assert set(statuses) == {"mlflow", "prefect", "api", "worker"}
+    assert all(s.healthy and s.pid for s in statuses.values()), statuses
+    assert Path(statuses["api"].log).exists()
