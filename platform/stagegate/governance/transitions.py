@@ -409,7 +409,18 @@ def apply(
     try:
         _check_exclusive(session, v, t.to_stage)
     except ConflictError as exc:
-        _fail(session, t, exc.detail, actor, now)
+        # Another transition took the slot after this one was approved: wait, don't fail.
+        # Approvals stay (they still expire); reconcile re-runs the gates when it frees up.
+        t.status, t.status_reason = TransitionStatus.pending, f"waiting: {exc.detail}"
+        session.add(t)
+        audit.append(
+            session,
+            actor=actor,
+            action="transition.deferred",
+            entity_type="transition",
+            entity_id=t.id,
+            data={"reason": exc.detail},
+        )
         return outcome
 
     displaced: list[str] = []
