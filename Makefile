@@ -11,10 +11,10 @@ PG_PORT ?= 54329
 
 .PHONY: demo test lint typecheck imports pytest bench lock debs clean down
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements-dev.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
@@ -34,6 +34,7 @@ debs:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -52,8 +53,10 @@ bench: $(STAMP)
 	@set -e; for b in benchmarks/*.py; do [ -e "$$b" ] || { echo "no benchmarks yet"; break; }; \
 	  echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
 
+# requirements.lock: what the image installs; requirements-dev.lock adds the test tools.
 lock: $(STAMP)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
