@@ -132,3 +132,41 @@ def test_two_approvals_racing_for_one_slot_defer_the_second(
     with transaction(engine) as s:
         assert versions.get_version(s, "fraud", 2).stage is Stage.candidate
         assert audit.verify(s).ok
+
+
+def test_concurrent_approvals_see_each_other(engine: Engine, sink: MemorySink) -> None:
+    """Two approvers deciding at the same instant must not leave the transition stuck."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.factories import Factory
+
+    Factory(engine).version("fraud", 1)
+    with transaction(engine) as s:
+        v = versions.get_version(s, "fraud", 1)
+        v.stage = Stage.canary
+        s.add(v)
+        t, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=1,
+            to_stage=Stage.production,
+            reason="x",
+            now=utcnow(),
+        )
+
+    def approve(name: str) -> None:
+        with transaction(engine) as s:
+            transitions.decide(
+                s,
+                principal=Principal(name, Role.approver),
+                transition_id=t.id,
+                decision="approve",
+                comment=None,
+                now=utcnow(),
+            )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(approve, ["alice", "bob"]))
+    with transaction(engine) as s:
+        assert transitions.get_transition(s, t.id).status is TransitionStatus.approved

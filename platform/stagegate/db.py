@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, event
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session, create_engine
 
@@ -72,6 +72,11 @@ def transaction(engine: Engine) -> Iterator[Session]:
         except OperationalError as exc:
             session.rollback()
             raise RetryableError(f"database unavailable: {exc.orig}") from exc
+        except IntegrityError as exc:
+            # A concurrent writer inserted the same key (a duplicate event, say); a retry
+            # finds its row through the idempotency key instead.
+            session.rollback()
+            raise RetryableError(f"concurrent change: {exc.orig}", delay_s=0.5) from exc
         except BaseException:
             session.rollback()
             raise

@@ -46,8 +46,10 @@ class ApplyOutcome:
     already_applied: bool = False
 
 
-def get_transition(session: Session, transition_id: str) -> Transition:
-    row = session.get(Transition, transition_id)
+def get_transition(session: Session, transition_id: str, *, lock: bool = False) -> Transition:
+    """`lock` takes the row (FOR UPDATE on PostgreSQL; SQLite already holds the write lock),
+    so concurrent decisions on one transition see each other's approvals."""
+    row = session.get(Transition, transition_id, with_for_update=lock)
     if row is None:
         raise NotFoundError(f"no transition {transition_id!r}")
     return row
@@ -162,7 +164,7 @@ def request(
         ).first()
         if seen is not None:
             return seen, False
-    row = versions.get_version(session, model, version)
+    row = versions.get_version(session, model, version, lock=True)
     why_not = gates.check_move(row.stage, to_stage)
     if why_not:
         raise TransitionRejected(why_not)
@@ -208,7 +210,7 @@ def decide(
     now: datetime,
 ) -> Transition:
     """Record one approval or rejection, then re-run the gates against the current champion."""
-    t = get_transition(session, transition_id)
+    t = get_transition(session, transition_id, lock=True)
     if t.status is not TransitionStatus.pending:
         raise ConflictError(f"transition {t.id} is {t.status}, not pending")
     version = versions.get_version(session, t.model_name, t.version)
@@ -279,7 +281,7 @@ def decide(
 
 def reevaluate(session: Session, *, transition_id: str, now: datetime, actor: str) -> Transition:
     """Re-run the gates of a pending transition (a slot freed, a policy changed)."""
-    t = get_transition(session, transition_id)
+    t = get_transition(session, transition_id, lock=True)
     if t.status is not TransitionStatus.pending:
         return t
     version = versions.get_version(session, t.model_name, t.version)
@@ -383,7 +385,7 @@ def apply(
     A transition that can no longer be applied (the version moved, its artifact changed)
     is marked failed rather than raised, so the caller commits that record.
     """
-    t = get_transition(session, transition_id)
+    t = get_transition(session, transition_id, lock=True)
     if t.status is TransitionStatus.applied:
         return ApplyOutcome(t, already_applied=True)
     if t.status is not TransitionStatus.approved:

@@ -47,10 +47,11 @@ class VersionRecord:
     depends_on: Sequence[tuple[str, int]] = ()
 
 
-def get_version(session: Session, name: str, version: int) -> ModelVersion:
-    row = session.exec(
-        select(ModelVersion).where(ModelVersion.model_name == name, ModelVersion.version == version)
-    ).first()
+def get_version(session: Session, name: str, version: int, *, lock: bool = False) -> ModelVersion:
+    query = select(ModelVersion).where(
+        ModelVersion.model_name == name, ModelVersion.version == version
+    )
+    row = session.exec(query.with_for_update() if lock else query).first()
     if row is None:
         raise NotFoundError(f"model {name!r} has no version {version}")
     return row
