@@ -277,10 +277,16 @@ def test_rollback_restores_the_previous_champion(
         for to in ("shadow", "canary"):
             promote(client, engine, registry, people, v, to)
         promote(client, engine, registry, people, v, "production", ("alice", "bob"))
-    promote(client, engine, registry, people, 2, "rolled_back")
+    rollback = promote(client, engine, registry, people, 2, "rolled_back", ("bob",))
     assert stage(client, people["vic"], 2) == "rolled_back"
     assert stage(client, people["vic"], 1) == "production"
     assert registry.aliases["fraud"] == {"champion": 1}
+    now = client.get("/api/v1/models/fraud/production", headers=people["vic"]).json()
+    assert now["version"] == 1
+    assert now["window_opened_by"] == rollback["id"]
+    # who approved v1 into production, not who approved the rollback
+    assert now["transition"]["to_stage"] == "production"
+    assert sorted(a["approver"] for a in now["approved_by"]) == ["alice", "bob"]
 
 
 def test_production_at_time_and_approvers(

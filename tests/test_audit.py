@@ -79,6 +79,22 @@ def _truncate_tail(conn) -> None:  # type: ignore[no-untyped-def]
     conn.execute(text("DELETE FROM audit_log WHERE seq = 5"))
 
 
+def _append_outside(conn) -> None:  # type: ignore[no-untyped-def]
+    # A row chained correctly onto the last one, but written without moving the head.
+    from datetime import UTC, datetime
+
+    last = conn.execute(text("SELECT hash FROM audit_log WHERE seq = 5")).one()
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    h = audit.entry_hash(last[0], 6, at, "mallory", "x", "y", "z", {})
+    conn.execute(
+        text(
+            "INSERT INTO audit_log (seq, at, actor, action, entity_type, entity_id, data, "
+            "prev_hash, hash) VALUES (6, :at, 'mallory', 'x', 'y', 'z', '{}', :p, :h)"
+        ),
+        {"at": at.replace(tzinfo=None), "p": last[0], "h": h},
+    )
+
+
 def _edit_data(conn) -> None:  # type: ignore[no-untyped-def]
     conn.execute(text("UPDATE audit_log SET data = :d WHERE seq = 2"), {"d": '{"i": 99}'})
 
@@ -92,6 +108,7 @@ def _edit_data(conn) -> None:  # type: ignore[no-untyped-def]
         (_reorder, 2, "prev_hash"),
         (_insert, 5, "prev_hash"),
         (_truncate_tail, 5, "removed from the end"),
+        (_append_outside, 6, "outside the chain's head"),
     ],
 )
 def test_tampering_is_detected_at_the_first_bad_row(

@@ -119,13 +119,19 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
     prod = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()
     assert prod["version"] == version
     assert sorted(a["approver"] for a in prod["approved_by"]) == ["alice", "bob"]
-    mv = httpx.get(
-        f"{live.mlflow.tracking_uri}/api/2.0/mlflow/registered-models/alias",
-        params={"name": MODEL, "alias": "champion"},
-        trust_env=False,
-    ).json()
-    assert int(mv["model_version"]["version"]) == version
-    tags = {t["key"]: t["value"] for t in mv["model_version"].get("tags", [])}
+
+    def champion_alias() -> dict[str, Any] | None:
+        r = httpx.get(
+            f"{live.mlflow.tracking_uri}/api/2.0/mlflow/registered-models/alias",
+            params={"name": MODEL, "alias": "champion"},
+            trust_env=False,
+        )
+        doc: dict[str, Any] = r.json().get("model_version", {})
+        return doc if r.status_code == 200 and int(doc["version"]) == version else None
+
+    # The registry mirror follows the database commit, so it may lag by a moment.
+    mv = wait_for("the champion alias", champion_alias, timeout_s=30)
+    tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
     assert tags["stagegate.stage"] == "production"
     verdict = api.get("/api/v1/audit/verify", headers=who["vic"]).json()
     assert verdict["ok"], verdict

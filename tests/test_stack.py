@@ -273,7 +273,7 @@ def test_secrets_are_created_once_private_and_reused(tmp_path: Path) -> None:
 def test_default_specs_wire_secrets_ports_and_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(home=tmp_path, api={"port": 9999}, lifecycle={"approval_ttl_days": 3})
+    settings = Settings(home=tmp_path, api={"port": 9999}, lifecycle={"stale_transition_s": 7})
     secrets = load_secrets(settings)
     specs = {s.name: s for s in default_specs(settings, secrets)}
 
@@ -303,7 +303,7 @@ def test_default_specs_wire_secrets_ports_and_order(
             monkeypatch.setenv(key, value)
     rebuilt = Settings()
     assert rebuilt.api.port == 9999
-    assert rebuilt.lifecycle.approval_ttl_days == 3
+    assert rebuilt.lifecycle.stale_transition_s == 7
     assert rebuilt.webhook.secret == secrets.webhook_secret
     assert rebuilt.model_dump(exclude={"webhook", "db"}) == settings.model_dump(
         exclude={"webhook", "db"}

@@ -170,3 +170,22 @@ def test_concurrent_approvals_see_each_other(engine: Engine, sink: MemorySink) -
         list(pool.map(approve, ["alice", "bob"]))
     with transaction(engine) as s:
         assert transitions.get_transition(s, t.id).status is TransitionStatus.approved
+
+
+def test_reconcile_repairs_the_registry_mirror_and_skips_unsupported_names(
+    engine: Engine, sink: MemorySink
+) -> None:
+    reg = FakeRegistry()
+    reg.add("fraud", 1)
+    reg.add("bad name!", 1)  # MLflow allows it; Stagegate's names are stricter
+    report = reconcile(engine, reg, sink, stale_after_s=3600)
+    assert report.skipped == ["bad name!/1: unsupported model name"]
+    with transaction(engine) as s:
+        t = s.exec(select(Transition)).one()
+    _approve(engine, t.id)
+    apply_transition(engine, reg, t.id)
+    reg.aliases["fraud"] = {"champion": 1}  # someone edited aliases by hand in MLflow
+    reg.stage_tags[("fraud", 1)] = "production"
+    reconcile(engine, reg, sink, stale_after_s=3600)
+    assert reg.aliases["fraud"] == {"shadow": 1}
+    assert reg.stage_tags[("fraud", 1)] == "shadow"

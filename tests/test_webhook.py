@@ -131,6 +131,13 @@ def test_bad_deliveries_are_401_and_record_nothing(
         ).encode(),
         json.dumps({"entity": "model_version", "action": "created", "data": {}}).encode(),
         json.dumps(
+            {
+                "entity": "model_version",
+                "action": "created",
+                "data": {"name": "../etc", "version": "1"},
+            }
+        ).encode(),
+        json.dumps(
             {"entity": "model_version", "action": "created", "data": {"name": "a", "version": "x"}}
         ).encode(),
     ],

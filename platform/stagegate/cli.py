@@ -89,6 +89,24 @@ def worker() -> None:
     worker_mod.serve(poll_s=settings.prefect.runner_poll_s, ready_file=worker_ready_file(settings))
 
 
+@app.command("register-webhook")
+def register_webhook() -> None:
+    """Register the webhook on an existing MLflow server (the embedded stack does it itself).
+
+    Uses STAGEGATE_MLFLOW__TRACKING_URI, STAGEGATE_API__PUBLIC_URL and STAGEGATE_WEBHOOK__SECRET.
+    """
+    from stagegate import embedded
+    from stagegate.settings import DEV_WEBHOOK_SECRET
+
+    settings = get_settings()
+    if settings.webhook.secret == DEV_WEBHOOK_SECRET:
+        raise _fail("set STAGEGATE_WEBHOOK__SECRET (the API must be given the same one)")
+    try:
+        console.print(embedded.register_webhook(settings, settings.webhook.secret))
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+
+
 @app.command()
 def reconcile() -> None:
     """Run one reconcile pass now (the worker also runs it every minute)."""
@@ -182,7 +200,7 @@ def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     from stagegate.db import make_engine, transaction
     from stagegate.governance import audit
 
-    with transaction(make_engine(get_settings().database_url)) as s:
+    with transaction(make_engine(get_settings().database_url), read_only=True) as s:
         result = audit.verify(s)
     if as_json:
         typer.echo(json.dumps(asdict(result)))

@@ -51,7 +51,17 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (see `reader`) begin DEFERRED: under WAL they never wait for writers.
+        mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "IMMEDIATE"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+READ_ONLY = "stagegate_read_only"
+
+
+def reader(engine: Engine) -> Engine:
+    """The same engine and pool, for transactions that only read."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -63,9 +73,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 
 @contextmanager
-def transaction(engine: Engine) -> Iterator[Session]:
+def transaction(engine: Engine, *, read_only: bool = False) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on any error."""
-    with Session(engine, expire_on_commit=False) as session:
+    with Session(reader(engine) if read_only else engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()

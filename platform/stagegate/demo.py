@@ -203,14 +203,21 @@ class Demo:
         self.say("   ops set the model's policy: accuracy must match or beat the champion")
 
     def check_registry(self, champion: int, retired: int) -> None:
+        """The registry mirrors the database right after each commit; wait for it."""
         from mlflow import MlflowClient
 
         client = MlflowClient(self.settings.mlflow.tracking_uri)
-        alias = int(client.get_model_version_by_alias(self.model, "champion").version)
-        tag = client.get_model_version(self.model, str(retired)).tags.get("stagegate.stage")
-        if alias != champion or tag != "retired":
-            raise DemoFailed(f"MLflow shows champion v{alias}, v{retired} tagged {tag}")
-        self.say(f"   MLflow: alias champion -> v{champion}; v{retired} tagged retired")
+
+        def mirrored() -> bool:
+            alias = int(client.get_model_version_by_alias(self.model, "champion").version)
+            tag = client.get_model_version(self.model, str(retired)).tags.get("stagegate.stage")
+            return alias == champion and tag == "retired"
+
+        _, waited = self.wait_for("the MLflow alias to follow", mirrored)
+        self.say(
+            f"   MLflow: alias champion -> v{champion}; v{retired} tagged retired "
+            f"(mirrored {waited:.1f} s after the stage change)"
+        )
 
     def run(self) -> bool:
         self.quiet_mlflow()

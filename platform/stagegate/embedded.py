@@ -29,3 +29,11 @@ def start(
     on_event(f"webhook {hook} -> {settings.api.url}{WEBHOOK_PATH}")
     on_event(f"stack ready in {time.monotonic() - started:.1f} s")
     return statuses
+
+
+def register_webhook(settings: Settings, secret: str) -> str:
+    """Point the registry's `stagegate` webhook at this API (create or update it)."""
+    hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
+        settings.api.url + WEBHOOK_PATH, secret, WEBHOOK_EVENTS
+    )
+    return f"webhook {hook} -> {settings.api.url}{WEBHOOK_PATH}"

@@ -41,7 +41,6 @@ class ApiSettings(BaseModel):
     public_url: str | None = Field(
         default=None, description="URL MLflow uses to reach the API; default from host/port."
     )
-    max_page_size: int = Field(default=200, description="Largest page a list endpoint returns.")
 
     @property
     def url(self) -> str:
@@ -58,7 +57,6 @@ class WebhookSettings(BaseModel):
 
 
 class LifecycleSettings(BaseModel):
-    approval_ttl_days: int = Field(default=7, description="Approvals older than this expire.")
     stale_transition_s: int = Field(
         default=60,
         description="Approved transitions not applied after this long are applied by reconcile.",

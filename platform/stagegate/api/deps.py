@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from stagegate.db import reader
 from stagegate.errors import PermissionDenied, StagegateError
 from stagegate.events.sink import EventSink
 from stagegate.governance.tokens import Principal, authenticate
@@ -37,9 +38,11 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_session(state: StateDep) -> Iterator[Session]:
+def get_session(request: Request, state: StateDep) -> Iterator[Session]:
     # Routes that write commit explicitly, before answering; anything else is rolled back.
-    with Session(state.engine, expire_on_commit=False) as session:
+    # GETs read without taking SQLite's write lock.
+    engine = reader(state.engine) if request.method in ("GET", "HEAD") else state.engine
+    with Session(engine, expire_on_commit=False) as session:
         yield session
 
 

@@ -141,7 +141,12 @@ class ProductionPublic(BaseModel):
     until: datetime | None = None
     digest: str | None = None
     run_id: str | None = None
-    transition: TransitionPublic | None = None
+    transition: TransitionPublic | None = Field(
+        default=None, description="The transition that approved this version into production."
+    )
+    window_opened_by: str | None = Field(
+        default=None, description="Transition that started this window (a rollback restores)."
+    )
     approved_by: list[ApprovalPublic] = Field(default_factory=list)
     datasets: list[DatasetPublic] = Field(default_factory=list)
 

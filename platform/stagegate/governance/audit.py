@@ -105,52 +105,63 @@ class VerifyResult:
     head_hash: str = GENESIS
 
 
+def _check_row(e: AuditEntry, expected_seq: int, prev: str) -> str | None:
+    """Why this row breaks the chain, or None."""
+    if e.seq != expected_seq:
+        return f"expected row {expected_seq} but found {e.seq} (rows deleted or inserted)"
+    if e.prev_hash != prev:
+        return "prev_hash does not match the previous row (rows reordered, deleted or inserted)"
+    recomputed = entry_hash(
+        e.prev_hash, e.seq, e.at, e.actor, e.action, e.entity_type, e.entity_id, e.data
+    )
+    if recomputed != e.hash:
+        return "row content does not match its hash (row edited)"
+    return None
+
+
+def _head(session: Session) -> tuple[int, str]:
+    row = session.execute(text("SELECT seq, hash FROM audit_head WHERE id = 1")).one_or_none()
+    return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+
 def verify(session: Session, batch: int = 1000) -> VerifyResult:
-    """Walk the chain in order; name the first row that an edit, delete or insert broke."""
-    prev, expected_seq, rows = GENESIS, 1, 0
-    last_seq = 0
+    """Walk the chain in order; name the first row that an edit, delete or insert broke.
+
+    Appends may commit while we walk (PostgreSQL statements see them): when the walk runs
+    out of rows we re-read the head, and walk on while it keeps moving ahead of us.
+    """
+    prev, rows, waited_for = GENESIS, 0, -1
     while True:
         chunk = session.exec(
             select(AuditEntry)
-            .where(col(AuditEntry.seq) > last_seq)
+            .where(col(AuditEntry.seq) > rows)
             .order_by(col(AuditEntry.seq))
             .limit(batch)
         ).all()
-        if not chunk:
-            break
         for e in chunk:
-            if e.seq != expected_seq:
-                return VerifyResult(
-                    False,
-                    rows,
-                    e.seq,
-                    f"expected row {expected_seq} but found {e.seq} (rows deleted or inserted)",
-                    prev,
-                )
-            if e.prev_hash != prev:
-                return VerifyResult(
-                    False,
-                    rows,
-                    e.seq,
-                    "prev_hash does not match the previous row "
-                    "(rows reordered, deleted or inserted)",
-                    prev,
-                )
-            recomputed = entry_hash(
-                e.prev_hash, e.seq, e.at, e.actor, e.action, e.entity_type, e.entity_id, e.data
-            )
-            if recomputed != e.hash:
-                return VerifyResult(
-                    False, rows, e.seq, "row content does not match its hash (row edited)", prev
-                )
-            prev, expected_seq, rows, last_seq = e.hash, e.seq + 1, rows + 1, e.seq
-    head = session.get(AuditHead, 1)
-    head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
-    if head_seq != rows or head_hash != prev:
+            if (why := _check_row(e, rows + 1, prev)) is not None:
+                return VerifyResult(False, rows, e.seq, why, prev)
+            prev, rows = e.hash, e.seq
+        if chunk:
+            continue
+        head_seq, head_hash = _head(session)
+        if head_seq > rows and head_seq != waited_for:
+            waited_for = head_seq  # appends landed since the last read; once more
+            continue
+        break
+    if rows > head_seq:
         return VerifyResult(
             False,
             rows,
-            rows + 1 if head_seq > rows else head_seq,
+            head_seq + 1,
+            f"rows after {head_seq} were added outside the chain's head",
+            prev,
+        )
+    if rows != head_seq or prev != head_hash:
+        return VerifyResult(
+            False,
+            rows,
+            rows + 1,
             f"chain ends at row {rows} but the head records row {head_seq} "
             "(rows removed from the end)",
             prev,

@@ -15,6 +15,7 @@ from stagegate.governance.models import (
     Deployment,
     ModelVersion,
     Transition,
+    TransitionStatus,
     VersionDataset,
     VersionDependency,
 )
@@ -25,12 +26,14 @@ from stagegate.lifecycle.stages import DeploymentRole, Stage
 class ProductionAt:
     version: ModelVersion
     deployment: Deployment
-    transition: Transition
+    # The transition that approved this version into production. After a rollback the
+    # window is opened by the rollback, but the approvals that count are the promotion's.
+    promotion: Transition
     approvals: list[Approval]
 
 
 def production_at(session: Session, model: str, at: datetime) -> ProductionAt | None:
-    """The champion of `model` at instant `at`, with the transition and approvals behind it."""
+    """The champion of `model` at instant `at`, with the promotion and approvals behind it."""
     versions.get_model(session, model)
     dep = session.exec(
         select(Deployment)
@@ -44,15 +47,27 @@ def production_at(session: Session, model: str, at: datetime) -> ProductionAt | 
     ).first()
     if dep is None:
         return None
-    transition = session.get(Transition, dep.transition_id)
-    assert transition is not None  # foreign key
+    promotion = session.exec(
+        select(Transition)
+        .where(
+            Transition.model_name == model,
+            Transition.version == dep.version,
+            Transition.to_stage == Stage.production,
+            Transition.status == TransitionStatus.applied,
+            col(Transition.applied_at) <= dep.started_at,
+        )
+        .order_by(col(Transition.applied_at).desc())
+    ).first()
+    if promotion is None:  # cannot happen through the API; fall back to the window's opener
+        promotion = session.get(Transition, dep.transition_id)
+        assert promotion is not None  # foreign key
     approvals = session.exec(
         select(Approval)
-        .where(Approval.transition_id == transition.id, Approval.decision == "approve")
+        .where(Approval.transition_id == promotion.id, Approval.decision == "approve")
         .order_by(col(Approval.created_at))
     ).all()
     return ProductionAt(
-        versions.get_version(session, model, dep.version), dep, transition, list(approvals)
+        versions.get_version(session, model, dep.version), dep, promotion, list(approvals)
     )
 
 

@@ -33,12 +33,12 @@ class DeploymentRole(StrEnum):
     shadow = "shadow"
 
 
-TERMINAL: frozenset[Stage] = frozenset({Stage.retired, Stage.rejected, Stage.rolled_back})
-
 # Stages that at most one version of a model may hold at a time.
 EXCLUSIVE: frozenset[Stage] = frozenset({Stage.shadow, Stage.canary, Stage.production})
 
-# The moves a person or flow may request. Anything else is refused before any gate runs.
+# The moves a person or flow may request; anything else is refused before any gate runs.
+# Requests never leave retired, rejected or rolled_back. Only applying a rollback moves a
+# version out of retired: the previous champion comes back to production.
 ALLOWED_MOVES: dict[Stage, frozenset[Stage]] = {
     Stage.candidate: frozenset({Stage.shadow, Stage.rejected}),
     Stage.shadow: frozenset({Stage.canary, Stage.rejected, Stage.rolled_back}),
@@ -61,7 +61,3 @@ DEPLOYMENT_ROLE: dict[Stage, DeploymentRole] = {
     Stage.canary: DeploymentRole.challenger,
     Stage.shadow: DeploymentRole.shadow,
 }
-
-
-def is_rollback(from_stage: Stage, to_stage: Stage) -> bool:
-    return to_stage is Stage.rolled_back

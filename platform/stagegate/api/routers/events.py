@@ -14,6 +14,7 @@ from stagegate.errors import InvalidInput
 from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
 from stagegate.governance.deliveries import accept_once
+from stagegate.registry.protocol import valid_model_name
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"])
 
@@ -69,8 +70,8 @@ def mlflow_webhook(
     entity, action, data = _parse(body)
     name = data.get("name")
     raw_version = data.get("version")
-    if not isinstance(name, str) or not name:
-        raise InvalidInput("`data.name` is required")
+    if not isinstance(name, str) or not valid_model_name(name):
+        raise InvalidInput("`data.name` must be a model name (letters, digits, `_.-`)")
     version: int | None = None
     if raw_version is not None:
         try:

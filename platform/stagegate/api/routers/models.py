@@ -110,7 +110,8 @@ def production_at(
         until=found.deployment.ended_at,
         digest=found.version.digest,
         run_id=found.version.run_id,
-        transition=present.transition(session, found.transition),
+        transition=present.transition(session, found.promotion),
+        window_opened_by=found.deployment.transition_id,
         approved_by=[present.approval(a) for a in found.approvals],
         datasets=[
             schemas.DatasetPublic.model_validate(d)
@@ -121,7 +122,9 @@ def production_at(
 
 @router.get("/{name}/policy")
 def get_policy(session: SessionDep, _: Viewer, name: ModelName) -> Policy:
-    versions.get_model(session, name)
+    """The model's effective policy; `*` names the default for models without their own."""
+    if name != policies.DEFAULT_KEY:
+        versions.get_model(session, name)
     return policies.get_policy(session, name)
 
 
