@@ -1,0 +1,1 @@
+"""The data plane: model server, traffic router, inference log, and serving backends."""

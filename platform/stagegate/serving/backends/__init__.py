@@ -1,0 +1,1 @@
+"""Where model servers run: local processes (`local.py`) or Kubernetes (a later milestone)."""

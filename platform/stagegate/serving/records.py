@@ -1,0 +1,35 @@
+"""The inference record, and the writer protocol the router logs through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+Role = Literal["champion", "challenger", "shadow"]
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    """One answered request of one arm. Shadow answers are logged too, never returned."""
+
+    request_id: str
+    model: str
+    version: int
+    role: Role
+    key_hash: str | None  # sha256 hex of the assignment key, never the key itself
+    inputs: Any  # the request body's inputs, as received (JSON-compatible)
+    output: Any  # the predictions (JSON-compatible); None when the arm failed
+    status: int  # HTTP status the arm answered (or 599 for a transport error/timeout)
+    latency_ms: float
+    at: datetime  # aware UTC
+
+
+class InferenceLogWriter(Protocol):
+    def append(self, record: InferenceRecord) -> None:
+        """Buffer the record; never block on I/O. Flushed in batches, and on close()."""
+        ...
+
+    def close(self) -> None:
+        """Flush everything buffered and stop. Idempotent."""
+        ...
