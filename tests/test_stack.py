@@ -30,7 +30,7 @@ from stagegate.stack import (
     up,
     worker_ready_file,
 )
-from stagegate.stack.procs import group_members, proc_stat, rss_bytes
+from stagegate.supervise.procfs import group_members, proc_stat, rss_bytes
 from stagegate.stack.specs import venv_bin
 
 PY = sys.executable

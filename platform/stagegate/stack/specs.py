@@ -9,44 +9,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from stagegate.errors import PermanentError
 from stagegate.settings import Settings
 from stagegate.stack.secrets import StackSecrets, effective_webhook_secret
+from stagegate.supervise.spec import HealthCheck, ServiceSpec
 
 SERVICE_NAMES = ("mlflow", "prefect", "api", "worker")
 # The folder that holds the `stagegate` package, for children when it is not installed.
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-class HealthCheck(BaseModel):
-    """A service is healthy when its process lives and every check given here passes."""
-
-    model_config = ConfigDict(frozen=True)
-
-    url: str | None = Field(default=None, description="GET must answer 200.")
-    ready_file: Path | None = Field(
-        default=None, description="Must exist and be touched after the process started."
-    )
-
-
-class ServiceSpec(BaseModel):
-    """How to start one service and how to tell it is up."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Set on top of the caller's environment."
-    )
-    health_check: HealthCheck = Field(default_factory=HealthCheck)
-    depends_on: tuple[str, ...] = ()
-    url: str | None = Field(default=None, description="Where users reach it, for `status`.")
-    host: str = "127.0.0.1"
-    port: int | None = Field(default=None, description="Checked free before starting.")
 
 
 def venv_bin() -> Path:
