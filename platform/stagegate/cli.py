@@ -89,6 +89,83 @@ def worker() -> None:
     worker_mod.serve(poll_s=settings.prefect.runner_poll_s, ready_file=worker_ready_file(settings))
 
 
+@app.command()
+def router(
+    policy: Annotated[str, typer.Option(help="Router config file (JSON or YAML).")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    log_dir: Annotated[
+        str | None, typer.Option(help="Inference log root; no logging when left out.")
+    ] = None,
+    shadow_queue: Annotated[int, typer.Option(help="Shadow mirrors waiting, at most.")] = 1000,
+    shadow_workers: Annotated[int, typer.Option(help="Shadow mirrors in flight.")] = 8,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Route model traffic by policy: champion/challenger, shadow mirrors, fallback.
+
+    Reloads the policy on SIGHUP and when the file changes; drains on SIGTERM.
+    """
+    import logging
+
+    from stagegate.serving import router as router_mod
+    from stagegate.serving.router_config import policy_source
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    app_ = router_mod.Router(
+        policy_source(policy),
+        router_mod.writer_for(log_dir),
+        shadow_queue_size=shadow_queue,
+        shadow_workers=shadow_workers,
+    )
+    try:
+        router_mod.serve(app_, host=host, port=port, log_level=log_level)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+
+
+@app.command("serve-model")
+def serve_model(
+    model_uri: Annotated[
+        str,
+        typer.Argument(help="models:/name/version, models:/name@alias, runs:/..., or a path."),
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N (used by PyTorch models).")
+    ] = "auto",
+    max_batch_rows: Annotated[
+        int, typer.Option(min=1, help="Most rows merged into one predict call.")
+    ] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="Longest a forming batch waits for requests in flight.")
+    ] = 2.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Larger request bodies are refused with 413.")
+    ] = 8 * 2**20,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking and registry server."),
+    ] = None,
+) -> None:
+    """Serve an MLflow pyfunc model: mlflow's /invocations protocol, micro-batched, with metrics."""
+    from stagegate.serving.model_server import serve
+
+    try:
+        serve(
+            model_uri,
+            host=host,
+            port=port,
+            device=device,
+            max_batch_rows=max_batch_rows,
+            max_wait_ms=max_wait_ms,
+            max_body_bytes=max_body_bytes,
+            tracking_uri=tracking_uri,
+        )
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+
+
 @app.command("register-webhook")
 def register_webhook() -> None:
     """Register the webhook on an existing MLflow server (the embedded stack does it itself).

@@ -63,6 +63,21 @@ class LifecycleSettings(BaseModel):
     )
 
 
+class ServingSettings(BaseModel):
+    log_url: str | None = Field(
+        default=None,
+        description="fsspec URL of the inference log (Parquet); default: a folder under home.",
+    )
+    log_flush_rows: int = Field(
+        default=1000, ge=1, description="The inference log writes when this many records wait..."
+    )
+    log_flush_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="...or this often; a crash loses at most the smaller of the two.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STAGEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -80,6 +95,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_secrets(self) -> Settings:
@@ -90,6 +106,10 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db.url or f"sqlite:///{(self.home / 'governance.db').resolve()}"
+
+    @property
+    def inference_log_url(self) -> str:
+        return self.serving.log_url or str((self.home / "inference-log").resolve())
 
 
 @lru_cache(maxsize=1)

@@ -10,13 +10,20 @@ from sqlalchemy.engine import Engine
 from stagegate import __version__
 from stagegate.api import errors
 from stagegate.api.deps import AppState
-from stagegate.api.routers import audit, events, health, models, transitions
+from stagegate.api.routers import audit, events, feedback, health, models, transitions
 from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
 from stagegate.settings import Settings, get_settings
 
 # Every router the app mounts; the authorization test walks exactly these.
-ROUTERS = (health.router, models.router, transitions.router, audit.router, events.router)
+ROUTERS = (
+    health.router,
+    models.router,
+    transitions.router,
+    audit.router,
+    events.router,
+    feedback.router,
+)
 
 
 def create_app(

@@ -1,0 +1,71 @@
+"""Feedback: ground-truth labels for logged inferences, written beside the inference log."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, status
+from pydantic import BaseModel, Discriminator, Field, JsonValue, Tag
+
+from stagegate.api.deps import StateDep, require
+from stagegate.api.schemas import Strict
+from stagegate.db import utcnow
+from stagegate.errors import RetryableError
+from stagegate.governance.tokens import Principal
+from stagegate.lifecycle.stages import Role
+from stagegate.serving.inference_labels import LabelRecord, attach_labels
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"])
+
+MAX_ITEMS = 1000
+
+Labeler = Annotated[Principal, Depends(require(Role.service, Role.author, Role.admin))]
+
+
+def inference_log_url(state: StateDep) -> str:
+    return state.settings.inference_log_url
+
+
+LogUrl = Annotated[str, Depends(inference_log_url)]
+
+
+class FeedbackItem(Strict):
+    request_id: str = Field(min_length=1, max_length=128, description="As the router logged it.")
+    model: str = Field(min_length=1, max_length=128, description="Registered model name.")
+    label: JsonValue = Field(description="The true outcome, any JSON; a later label supersedes.")
+
+
+class FeedbackBatch(Strict):
+    items: list[FeedbackItem] = Field(min_length=1, max_length=MAX_ITEMS)
+
+
+def _shape(body: Any) -> str:
+    return "batch" if isinstance(body, dict) and "items" in body else "item"
+
+
+# Told apart by shape, so a bad batch is not also reported as a bad single item.
+FeedbackBody = Annotated[
+    Annotated[FeedbackItem, Tag("item")] | Annotated[FeedbackBatch, Tag("batch")],
+    Discriminator(_shape),
+]
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: int
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def post_feedback(_: Labeler, log_url: LogUrl, body: FeedbackBody) -> FeedbackAccepted:
+    """Store labels. Unknown request ids are accepted: a label may beat its record's flush."""
+    items = body.items if isinstance(body, FeedbackBatch) else [body]
+    now = utcnow()
+    labels = [LabelRecord(i.request_id, i.model, i.label, now) for i in items]
+    try:
+        attach_labels(log_url, labels)
+    except OSError as exc:
+        log.warning("writing labels failed: %s", exc)
+        raise RetryableError("inference log unavailable; retry") from exc
+    return FeedbackAccepted(accepted=len(items))

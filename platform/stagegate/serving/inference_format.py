@@ -1,0 +1,158 @@
+"""The inference log's on-disk format: schemas, Hive partition paths, rows, whole-file writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import fsspec  # type: ignore[import-untyped]
+import orjson
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.fs as pafs  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
+
+from stagegate.serving.records import InferenceRecord
+
+FileSystem = Any  # an fsspec AbstractFileSystem (fsspec ships no type information)
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),
+        pa.field("key_hash", pa.string()),
+        pa.field("inputs", pa.string()),  # JSON text; NULL for None
+        pa.field("output", pa.string()),  # JSON text; NULL when the arm failed
+        pa.field("status", pa.int16(), nullable=False),
+        pa.field("latency_ms", pa.float64(), nullable=False),
+        pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),  # JSON text, `null` included
+        pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+
+# The Hive partition column that is not stored in the files themselves.
+DATE_FIELD = pa.field("date", pa.date32())
+
+# A leading underscore keeps label files out of pyarrow's discovery of the records under root.
+LABELS_DIR = "_labels"
+
+LABEL_GLOB = f"{LABELS_DIR}/date=*/*.parquet"
+
+# Odd values (sets, decimals, numpy scalars) are logged as text rather than losing the record.
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=_JSON_OPTIONS).decode()
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def open_root(root_url: str) -> tuple[FileSystem, str]:
+    """The filesystem and root path of an fsspec URL (a plain path is a local folder)."""
+    fs, path = fsspec.core.url_to_fs(root_url)
+    return fs, str(path).rstrip("/")
+
+
+def is_local(fs: FileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def arrow_filesystem(fs: FileSystem) -> Any:
+    # pyarrow's own local filesystem is much faster than going through fsspec.
+    return pafs.LocalFileSystem() if is_local(fs) else fs
+
+
+def utc(at: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+def segment(key: str, value: str) -> str:
+    # Quoted, so any model name is one path segment; pyarrow and DuckDB both unquote it.
+    return f"{key}={quote(value, safe='')}"
+
+
+def partition_dir(root: str, **values: str) -> str:
+    return "/".join([root, *(segment(key, value) for key, value in values.items())])
+
+
+def record_glob(model: str | None = None) -> str:
+    """The record files of one model, or of all, relative to the root."""
+    folder = "model=*" if model is None else segment("model", model)
+    return f"{folder}/date=*/*.parquet"
+
+
+def records_table(records: Sequence[InferenceRecord]) -> Any:
+    def text(value: Any) -> str | None:
+        return None if value is None else dumps(value)
+
+    columns = {
+        "request_id": [r.request_id for r in records],
+        "model": [r.model for r in records],
+        "version": [r.version for r in records],
+        "role": [r.role for r in records],
+        "key_hash": [r.key_hash for r in records],
+        "inputs": [text(r.inputs) for r in records],
+        "output": [text(r.output) for r in records],
+        "status": [r.status for r in records],
+        "latency_ms": [r.latency_ms for r in records],
+        "at": [utc(r.at) for r in records],
+    }
+    return pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
+
+
+def records_from_table(table: Any) -> list[InferenceRecord]:
+    """Decode a table of the record schema (from `read_records`) back into records."""
+    rows = table.select(RECORD_SCHEMA.names).to_pylist()
+    return [
+        InferenceRecord(**{**row, "inputs": loads(row["inputs"]), "output": loads(row["output"])})
+        for row in rows
+    ]
+
+
+def write_parquet(fs: FileSystem, directory: str, table: Any) -> str:
+    """Write one whole file that readers either see complete or not at all (locally)."""
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    if not is_local(fs):
+        # Object stores publish an object only when its upload completes; other remote
+        # filesystems may show a partial file while it is being written.
+        fs.makedirs(directory, exist_ok=True)
+        with fs.open(f"{directory}/{name}", "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        return f"{directory}/{name}"
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, name)
+    # Dot-prefixed and not *.parquet: pyarrow's discovery and our globs both skip it, and one
+    # orphaned by a crash stays invisible.
+    temp = os.path.join(directory, f".{name}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())  # never rename an empty file into place after a power loss
+        os.replace(temp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return final

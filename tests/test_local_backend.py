@@ -1,0 +1,70 @@
+"""The local serving backend: real `stagegate serve-model` processes under one folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stagegate.serving.backends.local import LocalBackend
+from stagegate.serving.backends.protocol import ServedVersion
+from stagegate.supervise.procfs import proc_stat
+from tests.fixtures.mlflow_server import MlflowServer, register_sklearn_model
+
+
+@pytest.fixture(scope="module")
+def version(mlflow_server: MlflowServer) -> int:
+    number, _ = register_sklearn_model(mlflow_server.url, "local-backend")
+    return number
+
+
+def _predict(url: str) -> list[int]:
+    body = {
+        "dataframe_split": {"columns": [f"f{i}" for i in range(6)], "data": [[0.1] * 6, [-2.0] * 6]}
+    }
+    r = httpx.post(f"{url}/invocations", json=body, timeout=10, trust_env=False)
+    assert r.status_code == 200, r.text
+    predictions: list[int] = r.json()["predictions"]
+    return predictions
+
+
+def _pid(detail: str) -> int:
+    return int(detail.removeprefix("pid "))
+
+
+def test_deploy_observe_restart_remove(
+    tmp_path: Path, mlflow_server: MlflowServer, version: int
+) -> None:
+    backend = LocalBackend(tmp_path / "serving", tracking_uri=mlflow_server.url)
+    served = ServedVersion(
+        "local-backend", version, f"models:/local-backend/{version}", role="champion", device="cpu"
+    )
+    try:
+        state = backend.deploy(served)
+        assert state.healthy
+        assert state.url is not None
+        assert len(_predict(state.url)) == 2
+        again = backend.deploy(served)  # idempotent: the same process is adopted
+        assert again.detail == state.detail
+        assert [s.key for s in backend.list()] == [served.key]
+
+        pid = _pid(state.detail)
+        os.kill(pid, signal.SIGKILL)  # a crash
+        crashed = backend.observe("local-backend", version)
+        assert crashed is not None
+        assert not crashed.healthy
+        restarted = backend.deploy(served)
+        assert restarted.healthy
+        assert restarted.detail != state.detail
+        assert restarted.url is not None
+        assert len(_predict(restarted.url)) == 2
+        new_pid = _pid(restarted.detail)
+    finally:
+        removed = backend.remove("local-backend", version)
+    assert removed
+    assert backend.observe("local-backend", version) is None
+    assert proc_stat(new_pid) is None or proc_stat(new_pid).state == "Z"  # type: ignore[union-attr]
+    assert not backend.remove("local-backend", version)
