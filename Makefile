@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PG_DIR  ?= /tmp/stagegate-test-pg
 PG_PORT ?= 54329
 
-.PHONY: demo test lint typecheck imports pytest bench lock debs clean down
+.PHONY: demo test lint typecheck imports pytest bench bench-debs lock debs clean down
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,16 @@ pytest: $(STAMP) debs
 
 test: lint typecheck imports pytest
 
-bench: $(STAMP)
-	@set -e; for b in benchmarks/*.py; do [ -e "$$b" ] || { echo "no benchmarks yet"; break; }; \
-	  echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
+# Peers the benchmarks compare against: wrk drives load, nginx is the router's peer.
+bench-debs:
+	@if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light; fi; \
+	fi
+
+# Each benchmark prints one JSON object as its last line; BENCH_ARGS=--quick for a short run.
+bench: $(STAMP) bench-debs
+	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
 
 # requirements.lock: what the image installs; requirements-dev.lock adds the test tools.
 lock: $(STAMP)

@@ -97,8 +97,10 @@ def router(
     log_dir: Annotated[
         str | None, typer.Option(help="Inference log root; no logging when left out.")
     ] = None,
-    shadow_queue: Annotated[int, typer.Option(help="Shadow mirrors waiting, at most.")] = 1000,
-    shadow_workers: Annotated[int, typer.Option(help="Shadow mirrors in flight.")] = 8,
+    shadow_queue: Annotated[
+        int, typer.Option(help="Mirrors waiting per shadow; more are dropped.")
+    ] = 1000,
+    shadow_workers: Annotated[int, typer.Option(help="Mirrors in flight per shadow.")] = 8,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Route model traffic by policy: champion/challenger, shadow mirrors, fallback.

@@ -76,6 +76,14 @@ class ServingSettings(BaseModel):
         gt=0,
         description="...or this often; a crash loses at most the smaller of the two.",
     )
+    router_port: int = Field(default=8770, description="Port of the embedded traffic router.")
+    device: str = Field(
+        default="auto", description="Device for model servers: auto, cpu or cuda[:N]."
+    )
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
 
 
 class Settings(BaseSettings):
@@ -110,6 +118,15 @@ class Settings(BaseSettings):
     @property
     def inference_log_url(self) -> str:
         return self.serving.log_url or str((self.home / "inference-log").resolve())
+
+    @property
+    def serving_root(self) -> Path:
+        """Pid files and logs of the local model servers, and the router's policy file."""
+        return (self.home / "serving").resolve()
+
+    @property
+    def router_file(self) -> Path:
+        return self.serving_root / "router.json"
 
 
 @lru_cache(maxsize=1)

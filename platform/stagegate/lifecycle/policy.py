@@ -30,6 +30,22 @@ class ApprovalRule(BaseModel):
         return from_stage in self.from_stages and to_stage in self.to_stages
 
 
+class TrafficSettings(BaseModel):
+    """How the model's endpoint treats the shadow and canary stages once they are served."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    challenger_weight: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Share of assignment keys the canary gets."
+    )
+    shadow_fraction: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of requests mirrored to the shadow."
+    )
+    assignment_field: str | None = Field(
+        default=None, description="JSON field with the assignment key when no header is sent."
+    )
+
+
 class Policy(BaseModel):
     """Gate settings for one model (or the default for all)."""
 
@@ -45,6 +61,7 @@ class Policy(BaseModel):
     require_lineage: bool = Field(
         default=True, description="Production needs a training run and at least one dataset."
     )
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)
