@@ -30,8 +30,8 @@ from stagegate.stack import (
     up,
     worker_ready_file,
 )
-from stagegate.supervise.procfs import group_members, proc_stat, rss_bytes
 from stagegate.stack.specs import venv_bin
+from stagegate.supervise.procfs import group_members, proc_stat, rss_bytes
 
 PY = sys.executable
 
