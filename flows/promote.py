@@ -23,7 +23,16 @@ from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
 )
 def apply(transition_id: str) -> dict[str, Any]:
     rt = runtime.current()
-    return asdict(apply_transition(rt.engine, rt.registry, transition_id))
+    return asdict(apply_transition(rt.engine, rt.registry, transition_id, backend=rt.backend.name))
+
+
+@task(
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=only_retryable,
+)
+def sync_endpoint(model: str) -> dict[str, Any]:
+    return asdict(runtime.sync_endpoint(runtime.current(), model))
 
 
 @flow(name="promote", log_prints=True)
@@ -36,4 +45,14 @@ def promote(transition_id: str) -> dict[str, Any]:
         result["reason"],
         result["mirrored"],
     )
+    if result["status"] == "applied":
+        # Serve what the database now says: deploy, route, then stop what lost its role.
+        endpoint = sync_endpoint(result["model"])
+        get_run_logger().info(
+            "endpoint %s: serving %s, stopped %s",
+            result["model"],
+            endpoint["served"],
+            endpoint["removed"],
+        )
+        result["endpoint"] = endpoint
     return result

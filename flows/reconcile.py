@@ -15,7 +15,11 @@ from stagegate.steps.reconcile import reconcile as reconcile_step
 def reconcile() -> dict[str, Any]:
     rt = runtime.current()
     report = reconcile_step(
-        rt.engine, rt.registry, rt.sink, stale_after_s=rt.settings.lifecycle.stale_transition_s
+        rt.engine,
+        rt.registry,
+        rt.sink,
+        stale_after_s=rt.settings.lifecycle.stale_transition_s,
+        sync_endpoint=lambda model: runtime.sync_endpoint(rt, model),
     )
     get_run_logger().info("reconcile: %s", asdict(report))
     return asdict(report)

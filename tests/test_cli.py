@@ -69,5 +69,5 @@ def test_status_json_without_a_stack(tmp_path: Path) -> None:
     r = run(tmp_path, "status", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc) == {"mlflow", "prefect", "api", "worker"}
+    assert set(doc) == {"mlflow", "prefect", "api", "worker", "router"}
     assert not any(s["running"] for s in doc.values())

@@ -18,7 +18,13 @@ from stagegate import embedded, stack
 from stagegate.db import make_engine, transaction
 from stagegate.governance import tokens
 from stagegate.lifecycle.stages import Role
-from stagegate.settings import ApiSettings, MlflowSettings, PrefectSettings, Settings
+from stagegate.settings import (
+    ApiSettings,
+    MlflowSettings,
+    PrefectSettings,
+    ServingSettings,
+    Settings,
+)
 from tests.fixtures.mlflow_server import free_port, register_sklearn_model
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +40,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         mlflow=MlflowSettings(port=mlflow_port, tracking_uri=f"http://127.0.0.1:{mlflow_port}"),
         prefect=PrefectSettings(port=prefect_port, api_url=f"http://127.0.0.1:{prefect_port}/api"),
         api=ApiSettings(port=api_port),
+        serving=ServingSettings(router_port=free_port(), device="cpu"),
     )
     try:
         embedded.start(settings)
@@ -133,6 +140,16 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
     mv = wait_for("the champion alias", champion_alias, timeout_s=30)
     tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
     assert tags["stagegate.stage"] == "production"
+    # 5. The promote flow deployed it and routed it: the router answers with this version.
+    routed = httpx.post(
+        f"{live.serving.router_url}/models/{MODEL}/invocations",
+        json={"dataframe_split": {"columns": [f"f{i}" for i in range(6)], "data": [[0.5] * 6]}},
+        timeout=10,
+        trust_env=False,
+    )
+    assert routed.status_code == 200, routed.text
+    assert routed.headers["x-stagegate-version"] == str(version)
+    assert len(routed.json()["predictions"]) == 1
     verdict = api.get("/api/v1/audit/verify", headers=who["vic"]).json()
     assert verdict["ok"], verdict
     actions = {
@@ -148,6 +165,6 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
 
 def test_status_reports_every_service_and_down_leaves_nothing(live: Settings) -> None:
     statuses = stack.status(live)
-    assert set(statuses) == {"mlflow", "prefect", "api", "worker"}
+    assert set(statuses) == {"mlflow", "prefect", "api", "worker", "router"}
     assert all(s.healthy and s.pid for s in statuses.values()), statuses
     assert Path(statuses["api"].log).exists()

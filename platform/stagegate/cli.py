@@ -196,7 +196,11 @@ def reconcile() -> None:
 
     rt = runtime.current()
     report = step(
-        rt.engine, rt.registry, rt.sink, stale_after_s=rt.settings.lifecycle.stale_transition_s
+        rt.engine,
+        rt.registry,
+        rt.sink,
+        stale_after_s=rt.settings.lifecycle.stale_transition_s,
+        sync_endpoint=lambda model: runtime.sync_endpoint(rt, model),
     )
     typer.echo(json.dumps(asdict(report), indent=2))
 

@@ -9,6 +9,7 @@ from stagegate import stack
 from stagegate.migrate import upgrade
 from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.settings import Settings
+from stagegate.steps.endpoint import ensure_policy_file
 
 WEBHOOK_EVENTS = ["model_version.created"]
 WEBHOOK_PATH = "/api/v1/events/mlflow"
@@ -21,6 +22,7 @@ def start(
     started = time.monotonic()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    ensure_policy_file(settings.router_file)  # the router starts with no routes
     statuses = stack.up(settings, on_event=on_event, timeout_s=timeout_s)
     secret = stack.effective_webhook_secret(settings, stack.load_secrets(settings))
     hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(

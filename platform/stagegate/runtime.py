@@ -11,7 +11,11 @@ from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
 from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.registry.protocol import ModelRegistry
+from stagegate.serving.backends.local import LocalBackend
+from stagegate.serving.backends.protocol import ServingBackend
 from stagegate.settings import Settings, get_settings
+from stagegate.steps import endpoint
+from stagegate.steps.endpoint import EndpointState
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,7 @@ class Runtime:
     engine: Engine
     registry: ModelRegistry
     sink: EventSink
+    backend: ServingBackend
 
 
 def build(settings: Settings) -> Runtime:
@@ -28,6 +33,7 @@ def build(settings: Settings) -> Runtime:
         engine=make_engine(settings.database_url, echo=settings.db.echo),
         registry=MlflowRegistry(settings.mlflow.tracking_uri),
         sink=PrefectEventSink(settings.prefect.api_url),
+        backend=LocalBackend(settings.serving_root, tracking_uri=settings.mlflow.tracking_uri),
     )
 
 
@@ -35,3 +41,15 @@ def build(settings: Settings) -> Runtime:
 def current() -> Runtime:
     """The process-wide runtime (flow runs reuse one engine and connection pool)."""
     return build(get_settings())
+
+
+def sync_endpoint(rt: Runtime, model: str) -> EndpointState:
+    """Make `model`'s servers and route match the database (see `steps.endpoint`)."""
+    return endpoint.sync_endpoint(
+        rt.engine,
+        rt.backend,
+        rt.settings.router_file,
+        model,
+        router_url=rt.settings.serving.router_url,
+        device=rt.settings.serving.device,
+    )

@@ -14,7 +14,7 @@ from stagegate.settings import Settings
 from stagegate.stack.secrets import StackSecrets, effective_webhook_secret
 from stagegate.supervise.spec import HealthCheck, ServiceSpec
 
-SERVICE_NAMES = ("mlflow", "prefect", "api", "worker")
+SERVICE_NAMES = ("mlflow", "prefect", "api", "worker", "router")
 # The folder that holds the `stagegate` package, for children when it is not installed.
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -36,6 +36,7 @@ def service_urls(settings: Settings) -> dict[str, str | None]:
         "prefect": settings.prefect.api_url.removesuffix("/").removesuffix("/api"),
         "api": settings.api.url,
         "worker": None,
+        "router": settings.serving.router_url,
     }
 
 
@@ -194,4 +195,17 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         depends_on=("api", "prefect"),
         url=urls["worker"],
     )
-    return [mlflow, prefect, api, worker]
+    # The router reads the policy file that endpoint sync writes (`embedded.start` creates it).
+    router = ServiceSpec(
+        name="router",
+        argv=[
+            *(python, "-m", "stagegate.cli", "router", "--policy", str(settings.router_file)),
+            *("--log-dir", settings.inference_log_url),
+            *_flags(host="127.0.0.1", port=settings.serving.router_port),
+        ],
+        env=app_env,
+        health_check=HealthCheck(url=f"{settings.serving.router_url}/health"),
+        url=urls["router"],
+        port=settings.serving.router_port,
+    )
+    return [mlflow, prefect, api, worker, router]

@@ -27,8 +27,9 @@ def up(
 
 
 def down(settings: Settings, *, timeout_s: float = 15) -> list[str]:
-    """Stop every service of the stack, newest first; returns the names stopped."""
-    return supervise.down(settings.home, timeout_s=timeout_s)
+    """Stop the model servers the flows started, then every service of the stack."""
+    served = supervise.down(settings.serving_root, timeout_s=timeout_s)
+    return served + supervise.down(settings.home, timeout_s=timeout_s)
 
 
 def status(

@@ -18,6 +18,7 @@ from stagegate.steps.common import SERVICE
 @dataclass(frozen=True)
 class ApplyResult:
     transition_id: str
+    model: str
     status: TransitionStatus
     reason: str | None
     mirrored: list[tuple[str, int, Stage]]
@@ -64,4 +65,4 @@ def apply_transition(
     # The database is the truth; the registry mirror follows and is safe to repeat.
     for model, version, stage in touched:
         registry.mirror_stage(model, version, stage)
-    return ApplyResult(transition_id, result_status, reason, touched)
+    return ApplyResult(transition_id, name, result_status, reason, touched)

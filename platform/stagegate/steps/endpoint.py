@@ -50,6 +50,19 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _replace(router_file: Path, config: RouterConfig) -> None:
+    tmp = router_file.with_name(f".{router_file.name}.tmp")
+    tmp.write_text(config.model_dump_json(indent=2))
+    os.replace(tmp, router_file)  # the router sees the old file or the new, never half
+
+
+def ensure_policy_file(router_file: Path) -> None:
+    """Create an empty router config (no routes yet) unless one exists."""
+    with _locked(router_file):
+        if not router_file.exists():
+            _replace(router_file, RouterConfig())
+
+
 def write_policy(router_file: Path, model: str, policy: TrafficPolicy | None) -> None:
     """Replace (or drop) one model's policy in the router's file, atomically."""
     with _locked(router_file):
@@ -59,10 +72,7 @@ def write_policy(router_file: Path, model: str, policy: TrafficPolicy | None) ->
             else RouterConfig()
         )
         others = [p for p in current.policies if p.model != model]
-        updated = RouterConfig(policies=[*others, policy] if policy else others)
-        tmp = router_file.with_name(f".{router_file.name}.tmp")
-        tmp.write_text(updated.model_dump_json(indent=2))
-        os.replace(tmp, router_file)  # the router sees the old file or the new, never half
+        _replace(router_file, RouterConfig(policies=[*others, policy] if policy else others))
 
 
 def _router_has(

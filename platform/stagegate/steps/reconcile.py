@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from stagegate.events.announce import announce_if_approved
 from stagegate.events.sink import EventSink
 from stagegate.governance import transitions
 from stagegate.governance.models import ModelVersion, Transition, TransitionStatus
-from stagegate.lifecycle.stages import REGISTRY_ALIAS
+from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
 from stagegate.registry.protocol import ModelRegistry, valid_model_name
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.common import SERVICE
@@ -32,17 +33,17 @@ class ReconcileReport:
     approved: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     mirrored: int = 0
+    endpoints: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
-def reconcile(
-    engine: Engine, registry: ModelRegistry, sink: EventSink, *, stale_after_s: float
-) -> ReconcileReport:
-    report = ReconcileReport()
+def _intake_missed(
+    engine: Engine, registry: ModelRegistry, sink: EventSink, report: ReconcileReport
+) -> None:
+    """Versions the registry has and we never heard of (a lost webhook)."""
     with transaction(engine, read_only=True) as session:
         known = {(v.model_name, v.version) for v in session.exec(select(ModelVersion)).all()}
-    # 1. Versions the registry has and we never heard of.
     for ref in registry.list_versions():
         if (ref.name, ref.version) in known:
             continue
@@ -55,8 +56,10 @@ def reconcile(
         except StagegateError as exc:
             report.errors.append(f"intake {ref.name}/{ref.version}: {exc.detail}")
 
-    # 2. Pending transitions whose gates may pass now (a slot freed up, a policy changed).
-    with transaction(engine) as session:
+
+def _reevaluate_pending(engine: Engine, sink: EventSink, report: ReconcileReport) -> None:
+    """Pending transitions whose gates may pass now (a slot freed up, a policy changed)."""
+    with transaction(engine, read_only=True) as session:
         pending = session.exec(
             select(Transition.id).where(Transition.status == TransitionStatus.pending)
         ).all()
@@ -67,9 +70,13 @@ def reconcile(
             report.approved.append(tid)
             announce_if_approved(sink, t)
 
-    # 3. Approved transitions nobody applied (a lost event, a dead flow run).
+
+def _apply_stale(
+    engine: Engine, registry: ModelRegistry, stale_after_s: float, report: ReconcileReport
+) -> None:
+    """Approved transitions nobody applied (a lost event, a dead flow run)."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
-    with transaction(engine) as session:
+    with transaction(engine, read_only=True) as session:
         stale = session.exec(
             select(Transition.id).where(
                 Transition.status == TransitionStatus.approved, col(Transition.decided_at) < cutoff
@@ -81,11 +88,16 @@ def reconcile(
             report.applied.append(f"{tid}: {result.status}")
         except StagegateError as exc:
             report.errors.append(f"apply {tid}: {exc.detail}")
-    # 4. The registry mirror: re-assert the live stages and anything moved recently, in case
-    #    a mirror write failed after its commit (the database stays the truth).
+
+
+def _remirror(
+    engine: Engine, registry: ModelRegistry, report: ReconcileReport
+) -> list[tuple[str, int, Stage]]:
+    """Re-assert live stages and anything moved in the last day, in case a mirror write failed
+    after its commit (the database stays the truth). Returns what it looked at."""
     since = utcnow() - timedelta(hours=24)
     with transaction(engine, read_only=True) as session:
-        to_mirror = [
+        rows = [
             (v.model_name, v.version, v.stage)
             for v in session.exec(
                 select(ModelVersion).where(
@@ -96,12 +108,38 @@ def reconcile(
                 )
             ).all()
         ]
-    for name, number, stage in to_mirror:
+    for name, number, stage in rows:
         try:
             registry.mirror_stage(name, number, stage)
             report.mirrored += 1
         except StagegateError as exc:
             report.errors.append(f"mirror {name}/{number}: {exc.detail}")
+    return rows
+
+
+def reconcile(
+    engine: Engine,
+    registry: ModelRegistry,
+    sink: EventSink,
+    *,
+    stale_after_s: float,
+    sync_endpoint: Callable[[str], object] | None = None,
+) -> ReconcileReport:
+    """Catch up in passes; with `sync_endpoint` it also restores each live model's servers
+    and route (a crashed model server comes back here)."""
+    report = ReconcileReport()
+    _intake_missed(engine, registry, sink, report)
+    _reevaluate_pending(engine, sink, report)
+    _apply_stale(engine, registry, stale_after_s, report)
+    looked_at = _remirror(engine, registry, report)
+    if sync_endpoint is not None:
+        # Models that lost their last live version need their route and servers removed too.
+        for name in sorted({name for name, _, _ in looked_at}):
+            try:
+                sync_endpoint(name)
+                report.endpoints.append(name)
+            except StagegateError as exc:
+                report.errors.append(f"endpoint {name}: {exc.detail}")
     for line in report.errors:
         log.warning("reconcile: %s", line)
     return report
