@@ -8,18 +8,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from stagegate import runtime
-from stagegate.steps.reconcile import reconcile as reconcile_step
 
 
 @flow(name="reconcile", log_prints=True)
 def reconcile() -> dict[str, Any]:
-    rt = runtime.current()
-    report = reconcile_step(
-        rt.engine,
-        rt.registry,
-        rt.sink,
-        stale_after_s=rt.settings.lifecycle.stale_transition_s,
-        sync_endpoint=lambda model: runtime.sync_endpoint(rt, model),
-    )
+    report = runtime.reconcile(runtime.current())
     get_run_logger().info("reconcile: %s", asdict(report))
     return asdict(report)

@@ -192,16 +192,8 @@ def reconcile() -> None:
     from dataclasses import asdict
 
     from stagegate import runtime
-    from stagegate.steps.reconcile import reconcile as step
 
-    rt = runtime.current()
-    report = step(
-        rt.engine,
-        rt.registry,
-        rt.sink,
-        stale_after_s=rt.settings.lifecycle.stale_transition_s,
-        sync_endpoint=lambda model: runtime.sync_endpoint(rt, model),
-    )
+    report = runtime.reconcile(runtime.current())
     typer.echo(json.dumps(asdict(report), indent=2))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ class Demo:
     timeout_s: float = 90.0
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    errors: int = 0  # client errors seen while sending traffic
 
     def __post_init__(self) -> None:
         self.api = httpx.Client(base_url=self.settings.api.url, timeout=15.0)
@@ -191,10 +193,62 @@ class Demo:
         )
         if step == 2:
             self.set_policy()
-        self.move(version, "shadow", ("alice",), t)
-        self.move(version, "canary", ("bob",))
-        self.move(version, "production", ("alice", "bob"))
+        for to, approvers in (
+            ("shadow", ("alice",)),
+            ("canary", ("bob",)),
+            ("production", ("alice", "bob")),
+        ):
+            self.move(version, to, approvers, t if to == "shadow" else None)
+            self.traffic(f"v{version} in {to}")
         return version
+
+    def traffic(self, phase: str, requests: int = 400) -> None:
+        """Send generated traffic through the router, once a champion serves; show who answered."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from stagegate.serving.inference_log import read_records
+
+        url = f"{self.settings.serving.router_url}/models/{self.model}/invocations"
+        body = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.1] * 20]}}
+        if self.api.post(url, json=body).status_code == 404:
+            return  # no champion yet: the router has no route for the model
+        started, answered, errors, latencies = datetime.now(UTC), Counter[str](), 0, []
+        with Progress(
+            TextColumn(f"   traffic ({phase})"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[live]}"),
+            console=self.console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("", total=requests, live="")
+            for i in range(requests):
+                t0 = time.perf_counter()
+                r = self.api.post(url, json=body, headers={"x-stagegate-key": f"user-{i % 200}"})
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if r.status_code == 200:
+                    answered[f"v{r.headers['x-stagegate-version']}"] += 1
+                else:
+                    errors += 1
+                bar.update(
+                    task, advance=1, live=" ".join(f"{k}:{n}" for k, n in sorted(answered.items()))
+                )
+        self.errors += errors
+        time.sleep(1.5)  # the inference log flushes every second
+        logged = read_records(self.settings.inference_log_url, model=self.model, since=started)
+        roles = Counter(
+            f"{r}:v{v}"
+            for r, v in zip(
+                logged.column("role").to_pylist(), logged.column("version").to_pylist(), strict=True
+            )
+        )
+        latencies.sort()
+        self.say(
+            f"   traffic: {requests} requests, answered by "
+            f"{', '.join(f'{k} {n}' for k, n in sorted(answered.items()))}; "
+            f"{errors} errors; p50 {latencies[len(latencies) // 2]:.1f} ms; "
+            f"inference log: {', '.join(f'{k} {n}' for k, n in sorted(roles.items()))}"
+        )
 
     def set_policy(self) -> None:
         policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
@@ -243,4 +297,4 @@ class Demo:
             f"[bold]6.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
             f"({verdict['rows']} rows)"
         )
-        return bool(then["version"] == v1 and verdict["ok"])
+        return bool(then["version"] == v1 and verdict["ok"] and self.errors == 0)

@@ -16,6 +16,8 @@ from stagegate.serving.backends.protocol import ServingBackend
 from stagegate.settings import Settings, get_settings
 from stagegate.steps import endpoint
 from stagegate.steps.endpoint import EndpointState
+from stagegate.steps.reconcile import ReconcileReport
+from stagegate.steps.reconcile import reconcile as reconcile_step
 
 
 @dataclass(frozen=True)
@@ -52,4 +54,15 @@ def sync_endpoint(rt: Runtime, model: str) -> EndpointState:
         model,
         router_url=rt.settings.serving.router_url,
         device=rt.settings.serving.device,
+    )
+
+
+def reconcile(rt: Runtime) -> ReconcileReport:
+    """One full reconcile pass, data plane included (see `steps.reconcile`)."""
+    return reconcile_step(
+        rt.engine,
+        rt.registry,
+        rt.sink,
+        stale_after_s=rt.settings.lifecycle.stale_transition_s,
+        sync_endpoint=lambda model: sync_endpoint(rt, model),
     )
