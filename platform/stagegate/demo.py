@@ -199,8 +199,28 @@ class Demo:
             ("production", ("alice", "bob")),
         ):
             self.move(version, to, approvers, t if to == "shadow" else None)
-            self.traffic(f"v{version} in {to}")
+            if self.wait_routed(version, to):
+                self.traffic(f"v{version} in {to}")
         return version
+
+    def wait_routed(self, version: int, stage: str) -> bool:
+        """Wait until the router serves the new stage (endpoint sync follows the commit).
+
+        False when there is nothing to route yet: no champion means no route at all."""
+        arm = {"production": "champion", "canary": "challenger", "shadow": "shadow"}[stage]
+
+        def routed() -> dict[str, Any] | None:
+            doc = self.api.get(f"{self.settings.serving.router_url}/policies").json()
+            return next((p for p in doc.get("policies", []) if p["model"] == self.model), None)
+
+        if stage != "production" and routed() is None:
+            return False
+        _, waited = self.wait_for(
+            f"the router to route v{version} as {arm}",
+            lambda: (p := routed()) is not None and (p.get(arm) or {}).get("version") == version,
+        )
+        self.say(f"   endpoint: router sends v{version} the {arm} role ({waited:.1f} s later)")
+        return True
 
     def traffic(self, phase: str, requests: int = 400) -> None:
         """Send generated traffic through the router, once a champion serves; show who answered."""
@@ -210,8 +230,6 @@ class Demo:
 
         url = f"{self.settings.serving.router_url}/models/{self.model}/invocations"
         body = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.1] * 20]}}
-        if self.api.post(url, json=body).status_code == 404:
-            return  # no champion yet: the router has no route for the model
         started, answered, errors, latencies = datetime.now(UTC), Counter[str](), 0, []
         with Progress(
             TextColumn(f"   traffic ({phase})"),
