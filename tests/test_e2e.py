@@ -140,16 +140,22 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
     mv = wait_for("the champion alias", champion_alias, timeout_s=30)
     tags = {t["key"]: t["value"] for t in mv.get("tags", [])}
     assert tags["stagegate.stage"] == "production"
-    # 5. The promote flow deployed it and routed it: the router answers with this version.
-    routed = httpx.post(
-        f"{live.serving.router_url}/models/{MODEL}/invocations",
-        json={"dataframe_split": {"columns": [f"f{i}" for i in range(6)], "data": [[0.5] * 6]}},
-        timeout=10,
-        trust_env=False,
-    )
-    assert routed.status_code == 200, routed.text
-    assert routed.headers["x-stagegate-version"] == str(version)
-    assert len(routed.json()["predictions"]) == 1
+
+    # 5. The promote flow deployed it and routed it (endpoint sync follows the stage commit):
+    #    the router answers with this version.
+    def routed() -> httpx.Response | None:
+        r = httpx.post(
+            f"{live.serving.router_url}/models/{MODEL}/invocations",
+            json={"dataframe_split": {"columns": [f"f{i}" for i in range(6)], "data": [[0.5] * 6]}},
+            timeout=10,
+            trust_env=False,
+        )
+        return r if r.status_code == 200 else None
+
+    answer = wait_for("the router to route the champion", routed, timeout_s=60)
+    assert answer.headers["x-stagegate-version"] == str(version)
+    assert answer.headers["x-stagegate-role"] == "champion"
+    assert len(answer.json()["predictions"]) == 1
     verdict = api.get("/api/v1/audit/verify", headers=who["vic"]).json()
     assert verdict["ok"], verdict
     actions = {

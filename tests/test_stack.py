@@ -277,7 +277,7 @@ def test_default_specs_wire_secrets_ports_and_order(
     secrets = load_secrets(settings)
     specs = {s.name: s for s in default_specs(settings, secrets)}
 
-    assert list(specs) == ["mlflow", "prefect", "api", "worker"]
+    assert list(specs) == ["mlflow", "prefect", "api", "worker", "router"]
     assert specs["api"].depends_on == ("mlflow", "prefect")
     assert "api" in specs["worker"].depends_on
     mlflow_env = specs["mlflow"].env
