@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from stagegate import runtime
+from stagegate.events.announce import announce_applied
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
 
@@ -55,4 +56,12 @@ def promote(transition_id: str) -> dict[str, Any]:
             endpoint["removed"],
         )
         result["endpoint"] = endpoint
+        announce_applied(
+            runtime.current().sink,
+            transition_id=transition_id,
+            model=result["model"],
+            version=result["version"],
+            from_stage=result["from_stage"],
+            to_stage=result["to_stage"],
+        )
     return result

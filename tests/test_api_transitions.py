@@ -9,7 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
+from stagegate.db import transaction
 from stagegate.events.sink import MemorySink
+from stagegate.governance import evaluations
 from stagegate.steps.apply import apply_transition
 from tests.factories import Factory
 from tests.fakes import FakeRegistry
@@ -70,6 +72,28 @@ def stage(client: TestClient, who: dict[str, str], version: int = 1) -> str:
     return value
 
 
+def report(
+    engine: Engine, version: int, kind: str, *, passed: bool = True, model: str = "fraud"
+) -> None:
+    """What the shadow/canary flow records once it has seen enough traffic."""
+    with transaction(engine) as s:
+        evaluations.record(
+            s,
+            model=model,
+            version=version,
+            kind=kind,
+            passed=passed,
+            reason="test report",
+            sample_size=500,
+            summary={},
+            window_start=datetime.now(UTC),
+            actor="test",
+        )
+
+
+REPORT_BEFORE = {"canary": "shadow", "production": "canary"}
+
+
 def promote(
     client: TestClient,
     engine: Engine,
@@ -79,6 +103,8 @@ def promote(
     to: str,
     approvers: tuple[str, ...] = ("alice",),
 ) -> Json:
+    if to in REPORT_BEFORE:
+        report(engine, version, REPORT_BEFORE[to])
     t = request(client, p["erin"], to, version)
     for who in approvers:
         t = decide(client, p[who], t["id"])
@@ -113,6 +139,8 @@ def test_walk_to_production_and_retire_the_old_champion(
 
     promote(client, engine, registry, people, 1, "canary")
     t = request(client, people["erin"], "production")
+    assert {g["gate"]: g["passed"] for g in t["gates"]}["canary_report"] is False
+    report(engine, 1, "canary")
     t = decide(client, people["alice"], t["id"])
     assert t["status"] == "pending", "canary->production needs two approvers"
     t = decide(client, people["bob"], t["id"])

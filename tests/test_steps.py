@@ -9,7 +9,7 @@ from sqlmodel import select
 
 from stagegate.db import transaction, utcnow
 from stagegate.events.sink import MemorySink
-from stagegate.governance import audit, transitions, versions
+from stagegate.governance import audit, evaluations, transitions, versions
 from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role, Stage
@@ -145,6 +145,18 @@ def test_concurrent_approvals_see_each_other(engine: Engine, sink: MemorySink) -
         v = versions.get_version(s, "fraud", 1)
         v.stage = Stage.canary
         s.add(v)
+        evaluations.record(
+            s,
+            model="fraud",
+            version=1,
+            kind="canary",
+            passed=True,
+            reason="ok",
+            sample_size=500,
+            summary={},
+            window_start=utcnow(),
+            actor="test",
+        )
         t, _ = transitions.request(
             s,
             principal=Principal("erin", Role.author),

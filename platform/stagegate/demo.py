@@ -201,7 +201,22 @@ class Demo:
             self.move(version, to, approvers, t if to == "shadow" else None)
             if self.wait_routed(version, to):
                 self.traffic(f"v{version} in {to}")
+            if to != "production":
+                self.wait_report(version, to)
         return version
+
+    def wait_report(self, version: int, kind: str) -> None:
+        """The shadow/canary flow writes the report the next gate needs; show it."""
+
+        def written() -> dict[str, Any] | None:
+            rows = self.call(
+                "vic", "GET", f"/api/v1/models/{self.model}/versions/{version}/evaluations"
+            )
+            return next((e for e in rows if e["kind"] == kind), None)
+
+        report, waited = self.wait_for(f"the {kind} report of v{version}", written)
+        verdict = "[green]passed[/]" if report["passed"] else "[red]failed[/]"
+        self.say(f"   {kind} flow: report {verdict} ({report['reason']}; {waited:.1f} s)")
 
     def wait_routed(self, version: int, stage: str) -> bool:
         """Wait until the router serves the new stage (endpoint sync follows the commit).
@@ -271,8 +286,12 @@ class Demo:
     def set_policy(self) -> None:
         policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
         policy["primary_metric"] = "accuracy"
+        # Demo-sized traffic: 400 requests a phase, of which the canary answers about 10%.
+        policy["shadow"]["min_comparisons"] = 200
+        policy["canary"]["min_requests"] = 30
         self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
-        self.say("   ops set the model's policy: accuracy must match or beat the champion")
+        self.say("   ops set the model's policy: accuracy must match or beat the champion; "
+                 "200 shadow comparisons; 30 canary requests")
 
     def check_registry(self, champion: int, retired: int) -> None:
         """The registry mirrors the database right after each commit; wait for it."""

@@ -185,3 +185,16 @@ class WebhookAccepted(BaseModel):
 class ErrorPublic(BaseModel):
     detail: Any
     code: str
+
+
+class EvaluationPublic(BaseModel):
+    id: int
+    model: str
+    version: int
+    kind: str
+    passed: bool
+    reason: str
+    sample_size: int
+    summary: dict[str, Any]
+    window_start: datetime
+    created_at: datetime

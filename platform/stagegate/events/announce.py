@@ -34,3 +34,34 @@ def announce_if_approved(sink: EventSink, t: Transition) -> bool:
         log.warning("could not announce transition %s (reconcile applies it): %s", t.id, exc.detail)
         return False
     return True
+
+
+def announce_applied(
+    sink: EventSink, *, transition_id: str, model: str, version: int, from_stage: str, to_stage: str
+) -> bool:
+    """Emit `stagegate.transition.applied` once the stage moved and the endpoint serves it.
+
+    The shadow and canary flows start on it. A lost emit only delays their report: the
+    version waits in its stage, and the flows can be started by hand (`stagegate evaluate`).
+    """
+    event = OutEvent(
+        event="stagegate.transition.applied",
+        resource=model_resource(
+            model,
+            version,
+            **{"stagegate.transition.id": transition_id, "stagegate.transition.to_stage": to_stage},
+        ),
+        payload={
+            "transition_id": transition_id,
+            "model": model,
+            "version": version,
+            "from_stage": from_stage,
+            "to_stage": to_stage,
+        },
+    )
+    try:
+        sink.emit(event)
+    except RetryableError as exc:
+        log.warning("could not announce applied transition %s: %s", transition_id, exc.detail)
+        return False
+    return True

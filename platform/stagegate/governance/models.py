@@ -223,3 +223,20 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     seq: int = 0
     hash: str = Field(default="0" * 64, max_length=64)
+
+
+class Evaluation(SQLModel, table=True):
+    """Evidence about a live version: a shadow report or a canary report. The latest counts."""
+
+    __tablename__ = "evaluation"
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
+    version: int
+    kind: str = Field(max_length=20)  # shadow | canary
+    passed: bool
+    reason: str = Field(max_length=2000)
+    sample_size: int
+    summary: dict[str, Any] = _json(dict)
+    window_start: datetime = _ts()
+    created_at: datetime = _ts()

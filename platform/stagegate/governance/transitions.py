@@ -13,7 +13,7 @@ from typing import Literal
 from sqlmodel import Session, col, select
 
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied, TransitionRejected
-from stagegate.governance import audit, versions
+from stagegate.governance import audit, evaluations, versions
 from stagegate.governance.models import (
     OPEN_STATUSES,
     Approval,
@@ -111,6 +111,7 @@ def _context(
         policy=get_policy(session, t.model_name),
         now=now,
         occupant=versions.facts(session, occupant) if occupant else None,
+        reports=evaluations.facts(session, t.model_name, t.version),
     )
 
 

@@ -39,6 +39,15 @@ class ApprovalFacts:
 
 
 @dataclass(frozen=True)
+class ReportFacts:
+    """The latest shadow or canary report of the version (see `evaluation.py`)."""
+
+    kind: str  # shadow | canary
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class GateContext:
     from_stage: Stage
     to_stage: Stage
@@ -50,6 +59,7 @@ class GateContext:
     now: datetime
     # Another version holding the (exclusive, non-production) target stage, if any.
     occupant: VersionFacts | None = None
+    reports: dict[str, ReportFacts] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -173,7 +183,48 @@ class StageFreeGate(Gate):
         return self.ok(f"{ctx.to_stage} is free")
 
 
-GATES: tuple[Gate, ...] = (ApprovalsGate(), OfflineMetricGate(), LineageGate(), StageFreeGate())
+class ShadowReportGate(Gate):
+    """shadow->canary: the shadow's answers were compared with the champion's, and held up."""
+
+    FROM_STAGES = frozenset({Stage.shadow})
+    TO_STAGES = frozenset({Stage.canary})
+    name = "shadow_report"
+    kind = "shadow"
+
+    def applies(self, ctx: GateContext) -> bool:
+        return super().applies(ctx) and self.required(ctx)
+
+    def required(self, ctx: GateContext) -> bool:
+        return ctx.policy.shadow.required
+
+    def check(self, ctx: GateContext) -> GateResult:
+        report = ctx.reports.get(self.kind)
+        if report is None:
+            return self.hold(f"no {self.kind} report yet (the {self.kind} flow writes it)")
+        verdict = f"{self.kind} report: {report.reason}"
+        return self.ok(verdict) if report.passed else self.hold(verdict)
+
+
+class CanaryReportGate(ShadowReportGate):
+    """canary->production: the canary's live error rate and latency stayed within the policy."""
+
+    FROM_STAGES = frozenset({Stage.canary})
+    TO_STAGES = frozenset({Stage.production})
+    name = "canary_report"
+    kind = "canary"
+
+    def required(self, ctx: GateContext) -> bool:
+        return ctx.policy.canary.required
+
+
+GATES: tuple[Gate, ...] = (
+    ApprovalsGate(),
+    OfflineMetricGate(),
+    LineageGate(),
+    StageFreeGate(),
+    ShadowReportGate(),
+    CanaryReportGate(),
+)
 
 
 def check_move(from_stage: Stage, to_stage: Stage) -> str | None:

@@ -46,6 +46,38 @@ class TrafficSettings(BaseModel):
     )
 
 
+class ShadowCriteria(BaseModel):
+    """When a shadow report passes: enough mirrored answers, close enough to the champion's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    required: bool = Field(default=True, description="shadow->canary needs a passed report.")
+    min_comparisons: int = Field(default=200, ge=1, description="Mirrored requests compared.")
+    min_agreement: float = Field(
+        default=0.9, ge=0, le=1, description="Share of answers equal to the champion's."
+    )
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Shadow failures.")
+    max_wait_s: float = Field(
+        default=3600, gt=0, description="The shadow flow gives up (report failed) after this."
+    )
+
+
+class CanaryCriteria(BaseModel):
+    """When a canary report passes (a policy threshold until sequential tests arrive)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    required: bool = Field(default=True, description="canary->production needs a passed report.")
+    min_requests: int = Field(default=200, ge=1, description="Requests the canary answered.")
+    max_error_rate_delta: float = Field(
+        default=0.01, ge=0, le=1, description="Canary error rate minus the champion's."
+    )
+    max_p99_ratio: float = Field(
+        default=1.5, gt=0, description="Canary p99 latency over the champion's."
+    )
+    max_wait_s: float = Field(default=3600, gt=0, description="The canary flow gives up after.")
+
+
 class Policy(BaseModel):
     """Gate settings for one model (or the default for all)."""
 
@@ -62,6 +94,8 @@ class Policy(BaseModel):
         default=True, description="Production needs a training run and at least one dataset."
     )
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+    shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
+    canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)

@@ -19,6 +19,9 @@ from stagegate.steps.common import SERVICE
 class ApplyResult:
     transition_id: str
     model: str
+    version: int
+    from_stage: Stage
+    to_stage: Stage
     status: TransitionStatus
     reason: str | None
     mirrored: list[tuple[str, int, Stage]]
@@ -47,6 +50,7 @@ def apply_transition(
     with transaction(engine) as session:
         t = transitions.get_transition(session, transition_id)
         name, number, status = t.model_name, t.version, t.status
+        from_stage, to_stage = t.from_stage, t.to_stage
     # Hash the artifact outside any database transaction: it may take a while.
     digest = registry.artifact_digest(name, number) if status is TransitionStatus.approved else None
     with transaction(engine) as session:
@@ -65,4 +69,6 @@ def apply_transition(
     # The database is the truth; the registry mirror follows and is safe to repeat.
     for model, version, stage in touched:
         registry.mirror_stage(model, version, stage)
-    return ApplyResult(transition_id, name, result_status, reason, touched)
+    return ApplyResult(
+        transition_id, name, number, from_stage, to_stage, result_status, reason, touched
+    )

@@ -11,7 +11,7 @@ from stagegate.api import present, schemas
 from stagegate.api.deps import Admin, SessionDep, Viewer
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
-from stagegate.governance import lineage, policies, versions
+from stagegate.governance import evaluations, lineage, policies, versions
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
 
@@ -85,6 +85,28 @@ def get_consumers(
     return [
         schemas.VersionRefPublic(model=c.model_name, version=c.version, stage=c.stage)
         for c in lineage.consumers_of(session, name, version, production_only=production_only)
+    ]
+
+
+@router.get("/{name}/versions/{version}/evaluations")
+def get_evaluations(
+    session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
+) -> list[schemas.EvaluationPublic]:
+    """Shadow and canary reports of the version, newest first (the gates use the newest)."""
+    return [
+        schemas.EvaluationPublic(
+            id=e.id or 0,
+            model=e.model_name,
+            version=e.version,
+            kind=e.kind,
+            passed=e.passed,
+            reason=e.reason,
+            sample_size=e.sample_size,
+            summary=e.summary,
+            window_start=e.window_start,
+            created_at=e.created_at,
+        )
+        for e in evaluations.list_for(session, name, version)
     ]
 
 

@@ -1,0 +1,170 @@
+"""Shadow and canary reports from a real inference log, and the gates that wait on them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlmodel import select
+
+from stagegate.db import transaction, utcnow
+from stagegate.events.sink import MemorySink
+from stagegate.governance import evaluations, transitions, versions
+from stagegate.governance.models import Transition, TransitionStatus
+from stagegate.governance.tokens import Principal
+from stagegate.lifecycle.stages import Role, Stage
+from stagegate.serving.inference_log import LocalInferenceLog
+from stagegate.serving.records import InferenceRecord
+from stagegate.steps.evaluate import evaluate
+from tests.factories import Factory
+
+
+def _stage(engine: Engine, version: int, stage: Stage, *, ago_s: float = 0) -> None:
+    with transaction(engine) as s:
+        v = versions.get_version(s, "fraud", version)
+        v.stage, v.stage_changed_at = stage, utcnow() - timedelta(seconds=ago_s)
+        s.add(v)
+
+
+def _log(
+    root: Path,
+    *,
+    n: int,
+    disagree_every: int = 0,
+    shadow_status: int = 200,
+    role: str = "shadow",
+    arm_latency: float = 1.0,
+) -> None:
+    log = LocalInferenceLog(str(root), flush_interval_s=0.05)
+    at = utcnow()
+    for i in range(n):
+        rid = f"r{i}"
+        log.append(InferenceRecord(rid, "fraud", 1, "champion", None, {}, [i % 2], 200, 1.0, at))
+        answer = [1 - i % 2] if disagree_every and i % disagree_every == 0 else [i % 2]
+        arm_id = rid if role == "shadow" else f"c{i}"
+        log.append(
+            InferenceRecord(
+                arm_id,
+                "fraud",
+                2,
+                role,
+                None,
+                {},  # type: ignore[arg-type]
+                answer if shadow_status == 200 else None,
+                shadow_status,
+                arm_latency,
+                at,
+            )
+        )
+    log.close()
+
+
+def _setup(factory: Factory, engine: Engine, stage: Stage) -> None:
+    factory.version("fraud", 1)
+    factory.version("fraud", 2)
+    _stage(engine, 1, Stage.production, ago_s=600)
+    _stage(engine, 2, stage, ago_s=60)
+
+
+def test_shadow_report_passes_when_answers_agree(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    _log(tmp_path, n=300, disagree_every=50)  # 98% agreement
+    result = evaluate(engine, sink, str(tmp_path), "fraud", 2)
+    assert result.decided
+    assert result.passed, result.reason
+    assert result.summary["compared"] == 300
+    assert result.summary["agreement"] == 0.98
+    with transaction(engine) as s:
+        assert evaluations.facts(s, "fraud", 2)["shadow"].passed
+
+
+def test_shadow_report_fails_on_disagreement_and_on_errors(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    _log(tmp_path / "a", n=300, disagree_every=2)  # 50% agreement
+    bad = evaluate(engine, sink, str(tmp_path / "a"), "fraud", 2)
+    assert bad.decided
+    assert not bad.passed
+    assert "agreement 50.0%" in bad.reason
+    _log(tmp_path / "b", n=300, shadow_status=500)
+    failing = evaluate(engine, sink, str(tmp_path / "b"), "fraud", 2)
+    assert failing.decided
+    assert not failing.passed
+    assert "error rate" in failing.reason
+
+
+def test_too_little_traffic_is_undecided_until_time_runs_out(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    _log(tmp_path, n=50)
+    early = evaluate(engine, sink, str(tmp_path), "fraud", 2)
+    assert not early.decided
+    assert "50 of 200" in early.reason
+    with transaction(engine) as s:
+        assert evaluations.latest(s, "fraud", 2) == {}  # nothing recorded while undecided
+    late = evaluate(engine, sink, str(tmp_path), "fraud", 2, now=utcnow() + timedelta(hours=2))
+    assert late.decided
+    assert not late.passed
+    assert "in time" in late.reason
+
+
+def test_first_version_passes_with_nothing_to_compare(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    factory.version("fraud", 1)
+    _stage(engine, 1, Stage.shadow)
+    result = evaluate(engine, sink, str(tmp_path), "fraud", 1)
+    assert result.decided
+    assert result.passed
+    assert "no champion" in result.reason
+
+
+def test_canary_report_by_policy_threshold(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.canary)
+    _log(tmp_path / "ok", n=250, role="challenger")
+    ok = evaluate(engine, sink, str(tmp_path / "ok"), "fraud", 2)
+    assert ok.passed, ok.reason
+    _log(tmp_path / "slow", n=250, role="challenger", arm_latency=5.0)
+    slow = evaluate(engine, sink, str(tmp_path / "slow"), "fraud", 2)
+    assert slow.decided
+    assert not slow.passed
+    assert "p99 5.00x" in slow.reason
+
+
+def test_a_waiting_transition_is_approved_by_the_report(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    with transaction(engine) as s:
+        t, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=2,
+            to_stage=Stage.canary,
+            reason="x",
+            now=utcnow(),
+        )
+        transitions.decide(
+            s,
+            principal=Principal("alice", Role.approver),
+            transition_id=t.id,
+            decision="approve",
+            comment=None,
+            now=utcnow(),
+        )
+    with transaction(engine) as s:
+        held = s.exec(select(Transition)).one()
+        assert held.status is TransitionStatus.pending
+        assert {g["gate"]: g["passed"] for g in held.gate_results}["shadow_report"] is False
+    _log(tmp_path, n=300)
+    result = evaluate(engine, sink, str(tmp_path), "fraud", 2)
+    assert result.approved == [t.id]
+    assert sink.events[-1].event == "stagegate.transition.approved"
