@@ -131,11 +131,14 @@ def test_canary_report_by_policy_threshold(
     _log(tmp_path / "ok", n=250, role="challenger")
     ok = evaluate(engine, sink, str(tmp_path / "ok"), "fraud", 2)
     assert ok.passed, ok.reason
-    _log(tmp_path / "slow", n=250, role="challenger", arm_latency=5.0)
+    _log(tmp_path / "noisy", n=250, role="challenger", arm_latency=3.0)
+    noisy = evaluate(engine, sink, str(tmp_path / "noisy"), "fraud", 2)
+    assert noisy.passed, "3x of 1 ms is only +2 ms: under the absolute floor"
+    _log(tmp_path / "slow", n=250, role="challenger", arm_latency=20.0)
     slow = evaluate(engine, sink, str(tmp_path / "slow"), "fraud", 2)
     assert slow.decided
     assert not slow.passed
-    assert "p99 5.00x" in slow.reason
+    assert "p99 20.00x the champion's (+19.0 ms)" in slow.reason
 
 
 def test_a_waiting_transition_is_approved_by_the_report(

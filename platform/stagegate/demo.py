@@ -290,8 +290,10 @@ class Demo:
         policy["shadow"]["min_comparisons"] = 200
         policy["canary"]["min_requests"] = 30
         self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
-        self.say("   ops set the model's policy: accuracy must match or beat the champion; "
-                 "200 shadow comparisons; 30 canary requests")
+        self.say(
+            "   ops set the model's policy: accuracy must match or beat the champion; "
+            "200 shadow comparisons; 30 canary requests"
+        )
 
     def check_registry(self, champion: int, retired: int) -> None:
         """The registry mirrors the database right after each commit; wait for it."""

@@ -73,7 +73,13 @@ class CanaryCriteria(BaseModel):
         default=0.01, ge=0, le=1, description="Canary error rate minus the champion's."
     )
     max_p99_ratio: float = Field(
-        default=1.5, gt=0, description="Canary p99 latency over the champion's."
+        default=1.5, gt=0, description="Canary p99 latency over the champion's..."
+    )
+    min_p99_delta_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="...counted only when the p99s also differ by this much (sub-ms noise "
+        "on a small sample must not fail a canary).",
     )
     max_wait_s: float = Field(default=3600, gt=0, description="The canary flow gives up after.")
 
