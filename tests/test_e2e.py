@@ -112,7 +112,21 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
 
     approve(t["id"], "alice")
     wait_for("shadow", lambda: stage() == "shadow")
+
+    def report(kind: str) -> dict[str, Any] | None:
+        rows = api.get(
+            f"/api/v1/models/{MODEL}/versions/{version}/evaluations", headers=who["vic"]
+        ).json()
+        return next((e for e in rows if e["kind"] == kind), None)
+
     for to, approvers in (("canary", ("bob",)), ("production", ("alice", "bob"))):
+        # The shadow/canary flow (triggered by stagegate.transition.applied) writes the report
+        # the next gate needs; a first version has no champion to compare with, so it passes.
+        written = wait_for(
+            f"the {'shadow' if to == 'canary' else 'canary'} report",
+            lambda to=to: report("shadow" if to == "canary" else "canary"),
+        )
+        assert written["passed"], written
         r = api.post(
             "/api/v1/transitions",
             headers=who["dana"],

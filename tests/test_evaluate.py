@@ -138,7 +138,7 @@ def test_canary_report_by_policy_threshold(
     slow = evaluate(engine, sink, str(tmp_path / "slow"), "fraud", 2)
     assert slow.decided
     assert not slow.passed
-    assert "p99 20.00x the champion's (+19.0 ms)" in slow.reason
+    assert "median latency 20.00x the champion's (+19.0 ms)" in slow.reason
 
 
 def test_a_waiting_transition_is_approved_by_the_report(

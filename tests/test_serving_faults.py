@@ -2,14 +2,15 @@
 
 One scikit-learn model is saved once (`mlflow.sklearn.save_model`, no MLflow server) and served
 twice, as the champion (version 1) and the challenger (version 2): the versions are only labels
-in the policy. Every process runs in a process group of its own, and teardown SIGKILLs every
-group, so nothing outlives the module.
+in the policy. The tests are ordered so that only test 4 restarts a server (each one still
+(re)starts what it needs when run alone). Every process runs in a process group of its own,
+and teardown SIGKILLs every group, so nothing outlives the module.
 
 What is measured (the summary line each test prints, `pytest -s`, gives the numbers):
 
-1. SIGKILL the challenger under load: answers keep coming (fallback), from version 1.
-2. A shadow that refuses connections: the client sees nothing, the log records every miss.
-3. SIGTERM the router under load: every accepted request is answered, and logged exactly once.
+1. SIGTERM the router under load: every accepted request is answered, and logged exactly once.
+2. SIGKILL the challenger under load: answers keep coming (fallback), from version 1.
+3. A shadow that refuses connections: the client sees nothing, the log records every miss.
 4. Restart the champion between two bursts: the router's pooled connections to the old process
    are dead; the next burst sees no error.
 """
@@ -341,104 +342,7 @@ def is_challengers(key: str, weight: float) -> bool:
     return assign(MODEL, key, threshold(weight), random.Random()) == "challenger"
 
 
-# --- 1. the challenger dies under load -----------------------------------------------------------
-
-
-def test_sigkill_of_the_challenger_under_load_is_covered_by_fallback(
-    arms: Arms, start_router: Callable[[dict[str, Any]], Router]
-) -> None:
-    arms.ensure_up()
-    weight = 0.5
-    router = start_router(policy(arms, challenger_weight=weight, fallback_to_champion=True))
-    marks: dict[str, float] = {}
-
-    async def scenario() -> list[Reply]:
-        async def killer() -> None:
-            await asyncio.sleep(1.0)
-            marks["kill"] = time.monotonic()
-            await asyncio.to_thread(arms.challenger.kill)  # SIGKILL the group, then reap it
-            marks["dead"] = time.monotonic()  # its sockets are closed by now
-
-        replies, _ = await asyncio.gather(
-            drive(router.invocations, prefix="kill", duration_s=4.0), killer()
-        )
-        return replies
-
-    try:
-        replies = asyncio.run(scenario())
-    finally:
-        arms.challenger.start()  # loads in the background while the next test runs
-
-    failures = [r for r in replies if not r.ok]
-    before = [r for r in replies if r.ended < marks["kill"]]
-    at_kill = [r for r in replies if r.started < marks["dead"] and r.ended >= marks["kill"]]
-    after = [r for r in replies if r.started >= marks["dead"]]
-    owed = [r for r in after if is_challengers(r.key, weight)]  # the challenger's keys
-    fallbacks = router.metric("stagegate_router_fallbacks_total", model=MODEL)
-    print(
-        f"\n[kill challenger] requests={len(replies)} failures={len(failures)} "
-        f"before={len(before)} at_kill={len(at_kill)} after={len(after)} "
-        f"after_challenger_keys={len(owed)} fallbacks={fallbacks:g}"
-    )
-
-    # The challenger was really serving its half before it died.
-    assert {r.version for r in before if r.ok} == {1, 2}
-    # Fallback covers refused and cut connections: at most the requests in flight may fail.
-    assert len(failures) <= CONCURRENCY, failures[:3]
-    # After the kill, every answer is the champion's: the challenger's keys fell back.
-    assert len(after) >= 50
-    assert [(r.status, r.version, r.role) for r in after if not r.ok] == []
-    assert {(r.version, r.role) for r in after} == {(1, "champion")}
-    assert owed, "no request after the kill was the challenger's to answer"
-    assert fallbacks >= len(owed) > 0
-    assert router.metric("stagegate_router_fallbacks_total", model=MODEL, reason="error") > 0
-    assert router.terminate() == 0
-
-
-# --- 2. a shadow that is down --------------------------------------------------------------------
-
-
-def test_a_shadow_that_refuses_connections_costs_the_client_nothing(
-    arms: Arms, start_router: Callable[[dict[str, Any]], Router]
-) -> None:
-    arms.ensure_up("champion")
-    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    router = start_router(policy(arms, shadow={"version": 3, "url": closed}, shadow_fraction=1.0))
-    n = 500
-    replies = asyncio.run(drive(router.invocations, prefix="shadow", count=n))
-    assert len(replies) == n
-    assert [r for r in replies if not r.ok] == []
-    assert {(r.version, r.role) for r in replies} == {(1, "champion")}
-
-    # Mirrors are fire-and-forget: wait (bounded) until each one is accounted for.
-    deadline = time.monotonic() + 10
-    while router.metric("stagegate_router_shadow_total", model=MODEL) < n:
-        assert time.monotonic() < deadline, "shadow mirrors neither finished nor dropped"
-        time.sleep(0.05)
-    dropped = router.metric("stagegate_router_shadow_total", model=MODEL, outcome="dropped")
-    failed = router.metric("stagegate_router_shadow_total", model=MODEL, outcome="failed")
-    assert router.terminate() == 0
-
-    records = router.records()
-    champion = [r for r in records if r["role"] == "champion"]
-    shadow = [r for r in records if r["role"] == "shadow"]
-    print(
-        f"\n[shadow down] requests={n} client_errors=0 champion_records={len(champion)} "
-        f"shadow_records={len(shadow)} shadow_statuses={dict(Counter(r['status'] for r in shadow))}"
-        f" failed={failed:g} dropped={dropped:g}"
-    )
-    assert (failed, dropped) == (n, 0)  # the queue (1000) holds them all: none dropped
-    assert len(records) == 2 * n
-    answered = {r.rid for r in replies}
-    assert Counter(r["request_id"] for r in champion) == Counter(answered)
-    assert {(r["version"], r["status"]) for r in champion} == {(1, 200)}
-    assert Counter(r["request_id"] for r in shadow) == Counter(answered)
-    assert {r["version"] for r in shadow} == {3}
-    assert all(r["status"] == 599 or 500 <= r["status"] < 600 for r in shadow)
-    assert all(r["output"] is None for r in shadow)
-
-
-# --- 3. SIGTERM to the router under load ---------------------------------------------------------
+# --- 1. SIGTERM to the router under load ---------------------------------------------------------
 
 
 @dataclass
@@ -555,11 +459,8 @@ def test_sigterm_to_the_router_under_load_answers_and_logs_every_accepted_reques
     accepted_failed = [r for r in results if not r.ok and r.sent is not None and r.sent < t_sig]
     bad_answers = [r for r in results if r.status is not None and not r.ok]
     early_refusals = [r for r in refused if r.started < t_sig]
-    cut_late = [
-        r
-        for r in results
-        if r.connected is not None and r.status is None and r not in accepted_failed
-    ]
+    cut_late = [r for r in results if r.connected is not None and r.status is None]
+    cut_late = [r for r in cut_late if r.sent is None or r.sent >= t_sig]
     drained = [r for r in ledger if r.ended > t_sig]
 
     records = router.records()
@@ -592,6 +493,100 @@ def test_sigterm_to_the_router_under_load_answers_and_logs_every_accepted_reques
             200,
         )
     assert {r.version for r in ledger} == {1, 2}
+
+
+# --- 2. the challenger dies under load -----------------------------------------------------------
+
+
+def test_sigkill_of_the_challenger_under_load_is_covered_by_fallback(
+    arms: Arms, start_router: Callable[[dict[str, Any]], Router]
+) -> None:
+    arms.ensure_up()
+    weight = 0.5
+    router = start_router(policy(arms, challenger_weight=weight, fallback_to_champion=True))
+    marks: dict[str, float] = {}
+
+    async def scenario() -> list[Reply]:
+        async def killer() -> None:
+            await asyncio.sleep(1.0)
+            marks["kill"] = time.monotonic()
+            await asyncio.to_thread(arms.challenger.kill)  # SIGKILL the group, then reap it
+            marks["dead"] = time.monotonic()  # its sockets are closed by now
+
+        replies, _ = await asyncio.gather(
+            drive(router.invocations, prefix="kill", duration_s=4.0), killer()
+        )
+        return replies
+
+    replies = asyncio.run(scenario())  # the challenger stays down: later tests do without it
+
+    failures = [r for r in replies if not r.ok]
+    before = [r for r in replies if r.ended < marks["kill"]]
+    at_kill = [r for r in replies if r.started < marks["dead"] and r.ended >= marks["kill"]]
+    after = [r for r in replies if r.started >= marks["dead"]]
+    owed = [r for r in after if is_challengers(r.key, weight)]  # the challenger's keys
+    fallbacks = router.metric("stagegate_router_fallbacks_total", model=MODEL)
+    print(
+        f"\n[kill challenger] requests={len(replies)} failures={len(failures)} "
+        f"before={len(before)} at_kill={len(at_kill)} after={len(after)} "
+        f"after_challenger_keys={len(owed)} fallbacks={fallbacks:g}"
+    )
+
+    # The challenger was really serving its half before it died.
+    assert {r.version for r in before if r.ok} == {1, 2}
+    # Fallback covers refused and cut connections: at most the requests in flight may fail.
+    assert len(failures) <= CONCURRENCY, failures[:3]
+    # After the kill, every answer is the champion's: the challenger's keys fell back.
+    assert len(after) >= 50
+    assert [(r.status, r.version, r.role) for r in after if not r.ok] == []
+    assert {(r.version, r.role) for r in after} == {(1, "champion")}
+    assert owed, "no request after the kill was the challenger's to answer"
+    assert fallbacks >= len(owed) > 0
+    assert router.metric("stagegate_router_fallbacks_total", model=MODEL, reason="error") > 0
+    assert router.terminate() == 0
+
+
+# --- 3. a shadow that is down --------------------------------------------------------------------
+
+
+def test_a_shadow_that_refuses_connections_costs_the_client_nothing(
+    arms: Arms, start_router: Callable[[dict[str, Any]], Router]
+) -> None:
+    arms.ensure_up("champion")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    router = start_router(policy(arms, shadow={"version": 3, "url": closed}, shadow_fraction=1.0))
+    n = 500
+    replies = asyncio.run(drive(router.invocations, prefix="shadow", count=n))
+    assert len(replies) == n
+    assert [r for r in replies if not r.ok] == []
+    assert {(r.version, r.role) for r in replies} == {(1, "champion")}
+
+    # Mirrors are fire-and-forget: wait (bounded) until each one is accounted for.
+    deadline = time.monotonic() + 10
+    while router.metric("stagegate_router_shadow_total", model=MODEL) < n:
+        assert time.monotonic() < deadline, "shadow mirrors neither finished nor dropped"
+        time.sleep(0.05)
+    dropped = router.metric("stagegate_router_shadow_total", model=MODEL, outcome="dropped")
+    failed = router.metric("stagegate_router_shadow_total", model=MODEL, outcome="failed")
+    assert router.terminate() == 0
+
+    records = router.records()
+    champion = [r for r in records if r["role"] == "champion"]
+    shadow = [r for r in records if r["role"] == "shadow"]
+    print(
+        f"\n[shadow down] requests={n} client_errors=0 champion_records={len(champion)} "
+        f"shadow_records={len(shadow)} shadow_statuses={dict(Counter(r['status'] for r in shadow))}"
+        f" failed={failed:g} dropped={dropped:g}"
+    )
+    assert (failed, dropped) == (n, 0)  # the queue (1000) holds them all: none dropped
+    assert len(records) == 2 * n
+    answered = {r.rid for r in replies}
+    assert Counter(r["request_id"] for r in champion) == Counter(answered)
+    assert {(r["version"], r["status"]) for r in champion} == {(1, 200)}
+    assert Counter(r["request_id"] for r in shadow) == Counter(answered)
+    assert {r["version"] for r in shadow} == {3}
+    assert all(r["status"] == 599 or 500 <= r["status"] < 600 for r in shadow)
+    assert all(r["output"] is None for r in shadow)
 
 
 # --- 4. the champion restarts between two bursts -------------------------------------------------

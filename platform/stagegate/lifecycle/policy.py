@@ -72,14 +72,14 @@ class CanaryCriteria(BaseModel):
     max_error_rate_delta: float = Field(
         default=0.01, ge=0, le=1, description="Canary error rate minus the champion's."
     )
-    max_p99_ratio: float = Field(
-        default=1.5, gt=0, description="Canary p99 latency over the champion's..."
+    max_latency_ratio: float = Field(
+        default=1.5, gt=0, description="Canary median latency over the champion's..."
     )
-    min_p99_delta_ms: float = Field(
+    min_latency_delta_ms: float = Field(
         default=5.0,
         ge=0,
-        description="...counted only when the p99s also differ by this much (sub-ms noise "
-        "on a small sample must not fail a canary).",
+        description="...counted only when the medians also differ by this much. The median, "
+        "not p99: a canary's few hundred requests make p99 mostly noise.",
     )
     max_wait_s: float = Field(default=3600, gt=0, description="The canary flow gives up after.")
 

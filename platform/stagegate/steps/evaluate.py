@@ -70,13 +70,14 @@ def _canary_verdict(
     delta = c.arm.error_rate - c.champion.error_rate
     if delta > rule.max_error_rate_delta:
         problems.append(f"error rate +{delta:.2%} over the champion")
-    if c.arm.p99_ms is not None and c.champion.p99_ms:
-        ratio, gap = c.arm.p99_ms / c.champion.p99_ms, c.arm.p99_ms - c.champion.p99_ms
-        if ratio > rule.max_p99_ratio and gap > rule.min_p99_delta_ms:
-            problems.append(f"p99 {ratio:.2f}x the champion's (+{gap:.1f} ms)")
+    if c.arm.p50_ms is not None and c.champion.p50_ms:
+        ratio, gap = c.arm.p50_ms / c.champion.p50_ms, c.arm.p50_ms - c.champion.p50_ms
+        if ratio > rule.max_latency_ratio and gap > rule.min_latency_delta_ms:
+            problems.append(f"median latency {ratio:.2f}x the champion's (+{gap:.1f} ms)")
     facts = (
         f"{c.arm.requests} requests, errors {c.arm.error_rate:.2%} vs "
-        f"{c.champion.error_rate:.2%}, p99 {c.arm.p99_ms} ms vs {c.champion.p99_ms} ms"
+        f"{c.champion.error_rate:.2%}, median {c.arm.p50_ms} ms vs {c.champion.p50_ms} ms, "
+        f"p99 {c.arm.p99_ms} ms vs {c.champion.p99_ms} ms"
     )
     return True, not problems, facts + ("; " + "; ".join(problems) if problems else "")
 
