@@ -91,7 +91,13 @@ def worker() -> None:
 
 @app.command()
 def router(
-    policy: Annotated[str, typer.Option(help="Router config file (JSON or YAML).")],
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Router config: a JSON/YAML file, or the governance API's "
+            "/api/v1/traffic URL (token in STAGEGATE_ROUTER_TOKEN)."
+        ),
+    ],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     log_dir: Annotated[

@@ -10,7 +10,15 @@ from sqlalchemy.engine import Engine
 from stagegate import __version__
 from stagegate.api import errors
 from stagegate.api.deps import AppState
-from stagegate.api.routers import audit, events, feedback, health, models, transitions
+from stagegate.api.routers import (
+    audit,
+    events,
+    feedback,
+    health,
+    models,
+    traffic,
+    transitions,
+)
 from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
 from stagegate.settings import Settings, get_settings
@@ -23,6 +31,7 @@ ROUTERS = (
     audit.router,
     events.router,
     feedback.router,
+    traffic.router,
 )
 
 

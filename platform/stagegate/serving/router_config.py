@@ -11,11 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import orjson
 import yaml
 from pydantic import ValidationError
 
-from stagegate.errors import InvalidInput, PermanentError, StagegateError
+from stagegate.errors import InvalidInput, RetryableError, StagegateError
 from stagegate.serving.policy import Arm, RouterConfig, TrafficPolicy
 from stagegate.serving.router_assign import threshold
 from stagegate.serving.router_upstream import Target
@@ -92,16 +93,42 @@ class FilePolicySource:
 
 
 class UrlPolicySource:
-    """The governance API's policy endpoint (ETag as fingerprint). Not implemented yet."""
+    """The governance API's traffic endpoint (`GET /api/v1/traffic`); its ETag is the
+    fingerprint, so an unchanged config costs a 304 and no parsing."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 5.0) -> None:
         self.url = url
+        self.token = token if token is not None else os.environ.get("STAGEGATE_ROUTER_TOKEN")
+        self.timeout_s = timeout_s
 
     def describe(self) -> str:
         return self.url
 
     async def fetch(self, since: str | None) -> tuple[str, RouterConfig] | None:
-        raise PermanentError("policies from a URL are not supported yet; use a file")
+        headers = {"accept": "application/json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        if since:
+            headers["if-none-match"] = since
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s, trust_env=False) as client:
+                response = await client.get(self.url, headers=headers)
+        except httpx.HTTPError as exc:  # passing: keep serving the old config
+            raise RetryableError(f"cannot reach {self.url}: {exc}") from None
+        if response.status_code == 304:
+            return None
+        if response.status_code in (401, 403, 404):
+            raise RejectedPolicy(
+                f"{self.url} answered {response.status_code}: {response.text[:200]}",
+                f"http-{response.status_code}",
+            )
+        if response.status_code != 200:
+            raise RetryableError(f"{self.url} answered {response.status_code}")
+        fingerprint = response.headers.get("etag") or f"len-{len(response.content)}"
+        try:
+            return fingerprint, parse_config(response.content, yaml_ok=False)
+        except InvalidInput as exc:
+            raise RejectedPolicy(exc.detail, fingerprint) from None
 
 
 def policy_source(spec: str) -> PolicySource:

@@ -1,0 +1,74 @@
+"""Routers can take their policies from the governance API (ETag polling) instead of a file."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from stagegate.api.app import create_app
+from stagegate.events.sink import MemorySink
+from stagegate.serving.policy import Arm, TrafficPolicy
+from stagegate.serving.router_config import RejectedPolicy, UrlPolicySource
+from stagegate.settings import Settings
+from stagegate.steps.endpoint import write_policy
+from tests.factories import Factory
+from tests.fixtures.mlflow_server import free_port
+
+POLICY = TrafficPolicy(model="fraud", champion=Arm(version=3, url="http://127.0.0.1:7001"))
+
+
+def test_traffic_endpoint_serves_the_router_file_with_an_etag(
+    client: TestClient, factory: Factory, settings: Settings
+) -> None:
+    service = factory.token("router", "service")
+    empty = client.get("/api/v1/traffic", headers=service)
+    assert empty.status_code == 200
+    assert empty.json() == {"policies": []}
+    write_policy(settings.router_file, "fraud", POLICY)
+    full = client.get("/api/v1/traffic", headers=service)
+    assert full.json()["policies"][0]["champion"]["version"] == 3
+    assert full.headers["etag"] != empty.headers["etag"]
+    same = client.get("/api/v1/traffic", headers={**service, "if-none-match": full.headers["etag"]})
+    assert same.status_code == 304
+    assert client.get("/api/v1/traffic", headers=factory.token("vic", "viewer")).status_code == 403
+
+
+@pytest.fixture
+def live_api(settings: Settings, engine: Engine) -> Iterator[str]:
+    port = free_port()
+    app = create_app(settings, engine=engine, sink=MemorySink())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/api/v1/traffic"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_url_source_fetches_then_gets_304(
+    live_api: str, factory: Factory, settings: Settings
+) -> None:
+    write_policy(settings.router_file, "fraud", POLICY)
+    token = factory.token("router", "service")["Authorization"].removeprefix("Bearer ")
+    source = UrlPolicySource(live_api, token=token)
+    first = asyncio.run(source.fetch(None))
+    assert first is not None
+    etag, config = first
+    assert config.by_model()["fraud"].champion.version == 3
+    assert asyncio.run(source.fetch(etag)) is None  # unchanged: 304, nothing to parse
+    write_policy(settings.router_file, "fraud", None)
+    changed = asyncio.run(source.fetch(etag))
+    assert changed is not None
+    assert changed[1].policies == []
+    with pytest.raises(RejectedPolicy, match="401"):
+        asyncio.run(UrlPolicySource(live_api, token="sg_wrong").fetch(None))
