@@ -11,15 +11,14 @@ from sqlalchemy.engine import Engine
 from sqlmodel import select
 
 from stagegate.db import transaction, utcnow
-from stagegate.events.announce import announce_if_approved
 from stagegate.events.sink import EventSink
-from stagegate.governance import evaluations, transitions, versions
+from stagegate.governance import evaluations, versions
 from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.policies import get_policy
 from stagegate.lifecycle.policy import CanaryCriteria, ShadowCriteria
 from stagegate.lifecycle.stages import Stage
 from stagegate.serving.comparison import Comparison, compare
-from stagegate.steps.common import SERVICE
+from stagegate.steps.common import SERVICE, regate
 
 KIND = {Stage.shadow: "shadow", Stage.canary: "canary"}
 
@@ -151,9 +150,5 @@ def evaluate(
                 Transition.status == TransitionStatus.pending,
             )
         ).all()
-    for tid in waiting:
-        with transaction(engine) as session:
-            t = transitions.reevaluate(session, transition_id=tid, now=utcnow(), actor=SERVICE.name)
-        if announce_if_approved(sink, t):
-            result.approved.append(tid)
+    result.approved = regate(engine, sink, waiting)
     return result

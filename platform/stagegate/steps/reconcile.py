@@ -12,14 +12,12 @@ from sqlmodel import col, or_, select
 
 from stagegate.db import transaction, utcnow
 from stagegate.errors import StagegateError
-from stagegate.events.announce import announce_if_approved
 from stagegate.events.sink import EventSink
-from stagegate.governance import transitions
 from stagegate.governance.models import ModelVersion, Transition, TransitionStatus
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
 from stagegate.registry.protocol import ModelRegistry, valid_model_name
 from stagegate.steps.apply import apply_transition
-from stagegate.steps.common import SERVICE
+from stagegate.steps.common import regate
 from stagegate.steps.intake import intake
 
 log = logging.getLogger(__name__)
@@ -63,12 +61,7 @@ def _reevaluate_pending(engine: Engine, sink: EventSink, report: ReconcileReport
         pending = session.exec(
             select(Transition.id).where(Transition.status == TransitionStatus.pending)
         ).all()
-    for tid in pending:
-        with transaction(engine) as session:
-            t = transitions.reevaluate(session, transition_id=tid, now=utcnow(), actor=SERVICE.name)
-        if t.status is TransitionStatus.approved:
-            report.approved.append(tid)
-            announce_if_approved(sink, t)
+    report.approved.extend(regate(engine, sink, pending))
 
 
 def _apply_stale(
