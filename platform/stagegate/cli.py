@@ -204,6 +204,26 @@ def reconcile() -> None:
 
 
 @app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Argument(help="Version in shadow or canary.")],
+) -> None:
+    """Decide the version's shadow or canary report now, if the traffic allows (the shadow
+    and canary flows do this on their own)."""
+    from dataclasses import asdict
+
+    from stagegate import runtime
+    from stagegate.steps.evaluate import evaluate as step
+
+    rt = runtime.current()
+    try:
+        result = step(rt.engine, rt.sink, rt.settings.inference_log_url, model, version)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(json.dumps(asdict(result), indent=2, default=str))
+
+
+@app.command()
 def demo(
     exit_: Annotated[
         bool, typer.Option("--exit", help="Stop the stack after; exit 0 on success.")

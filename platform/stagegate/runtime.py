@@ -65,4 +65,5 @@ def reconcile(rt: Runtime) -> ReconcileReport:
         rt.sink,
         stale_after_s=rt.settings.lifecycle.stale_transition_s,
         sync_endpoint=lambda model: sync_endpoint(rt, model),
+        backend=rt.backend.name,
     )

@@ -42,7 +42,7 @@ def announce_applied(
     """Emit `stagegate.transition.applied` once the stage moved and the endpoint serves it.
 
     The shadow and canary flows start on it. A lost emit only delays their report: the
-    version waits in its stage, and the flows can be started by hand (`stagegate evaluate`).
+    version waits in its stage, and `stagegate evaluate MODEL VERSION` decides it by hand.
     """
     event = OutEvent(
         event="stagegate.transition.applied",

@@ -39,9 +39,10 @@ def _shadow_verdict(
     c: Comparison, rule: ShadowCriteria, out_of_time: bool
 ) -> tuple[bool, bool, str]:
     """(decided, passed, reason)."""
-    # Wait for enough mirrored requests, counting failed ones: a shadow that always fails
-    # must fail its report now, not when the time runs out.
-    if c.arm.requests < rule.min_comparisons and not out_of_time:
+    # Wait for enough comparisons, unless the shadow has already failed so often that no
+    # number of comparisons could save it: a shadow that always fails fails its report now.
+    doomed = c.arm.requests >= rule.min_comparisons and c.arm.error_rate > rule.max_error_rate
+    if c.compared < rule.min_comparisons and not out_of_time and not doomed:
         return False, False, f"{c.compared} of {rule.min_comparisons} comparisons so far"
     problems = []
     if c.compared < rule.min_comparisons:

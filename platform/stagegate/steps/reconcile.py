@@ -12,6 +12,7 @@ from sqlmodel import col, or_, select
 
 from stagegate.db import transaction, utcnow
 from stagegate.errors import StagegateError
+from stagegate.events.announce import announce_applied
 from stagegate.events.sink import EventSink
 from stagegate.governance.models import ModelVersion, Transition, TransitionStatus
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
@@ -65,7 +66,12 @@ def _reevaluate_pending(engine: Engine, sink: EventSink, report: ReconcileReport
 
 
 def _apply_stale(
-    engine: Engine, registry: ModelRegistry, stale_after_s: float, report: ReconcileReport
+    engine: Engine,
+    registry: ModelRegistry,
+    sink: EventSink,
+    stale_after_s: float,
+    backend: str,
+    report: ReconcileReport,
 ) -> None:
     """Approved transitions nobody applied (a lost event, a dead flow run)."""
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
@@ -77,8 +83,17 @@ def _apply_stale(
         ).all()
     for tid in stale:
         try:
-            result = apply_transition(engine, registry, tid)
+            result = apply_transition(engine, registry, tid, backend=backend)
             report.applied.append(f"{tid}: {result.status}")
+            if result.status is TransitionStatus.applied:  # the shadow/canary flows start on it
+                announce_applied(
+                    sink,
+                    transition_id=tid,
+                    model=result.model,
+                    version=result.version,
+                    from_stage=result.from_stage,
+                    to_stage=result.to_stage,
+                )
         except StagegateError as exc:
             report.errors.append(f"apply {tid}: {exc.detail}")
 
@@ -117,13 +132,14 @@ def reconcile(
     *,
     stale_after_s: float,
     sync_endpoint: Callable[[str], object] | None = None,
+    backend: str = "none",
 ) -> ReconcileReport:
     """Catch up in passes; with `sync_endpoint` it also restores each live model's servers
     and route (a crashed model server comes back here)."""
     report = ReconcileReport()
     _intake_missed(engine, registry, sink, report)
     _reevaluate_pending(engine, sink, report)
-    _apply_stale(engine, registry, stale_after_s, report)
+    _apply_stale(engine, registry, sink, stale_after_s, backend, report)
     looked_at = _remirror(engine, registry, report)
     if sync_endpoint is not None:
         # Models that lost their last live version need their route and servers removed too.
