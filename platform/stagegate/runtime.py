@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from sqlalchemy.engine import Engine
 
 from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
-from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.registry.protocol import ModelRegistry
 from stagegate.serving.backends.local import LocalBackend
 from stagegate.serving.backends.protocol import ServingBackend
@@ -20,23 +18,27 @@ from stagegate.steps.reconcile import ReconcileReport
 from stagegate.steps.reconcile import reconcile as reconcile_step
 
 
-@dataclass(frozen=True)
 class Runtime:
-    settings: Settings
-    engine: Engine
-    registry: ModelRegistry
-    sink: EventSink
-    backend: ServingBackend
+    """Built once per process; the registry is made on first use, because importing mlflow
+    costs about 3 s and the shadow/canary flow runs never touch it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine = make_engine(settings.database_url, echo=settings.db.echo)
+        self.sink: EventSink = PrefectEventSink(settings.prefect.api_url)
+        self.backend: ServingBackend = LocalBackend(
+            settings.serving_root, tracking_uri=settings.mlflow.tracking_uri
+        )
+
+    @cached_property
+    def registry(self) -> ModelRegistry:
+        from stagegate.registry.mlflow import MlflowRegistry
+
+        return MlflowRegistry(self.settings.mlflow.tracking_uri)
 
 
 def build(settings: Settings) -> Runtime:
-    return Runtime(
-        settings=settings,
-        engine=make_engine(settings.database_url, echo=settings.db.echo),
-        registry=MlflowRegistry(settings.mlflow.tracking_uri),
-        sink=PrefectEventSink(settings.prefect.api_url),
-        backend=LocalBackend(settings.serving_root, tracking_uri=settings.mlflow.tracking_uri),
-    )
+    return Runtime(settings)
 
 
 @lru_cache(maxsize=1)
