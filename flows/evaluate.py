@@ -11,16 +11,12 @@ from prefect import flow, get_run_logger, task
 
 from stagegate import runtime
 from stagegate.steps.evaluate import evaluate
-from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
+from stagegate.steps.retry import RETRYING
 
 POLL_S = 5.0
 
 
-@task(
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=only_retryable,
-)
+@task(**RETRYING)
 def evaluate_once(model: str, version: int) -> dict[str, Any]:
     rt = runtime.current()
     return asdict(evaluate(rt.engine, rt.sink, rt.settings.inference_log_url, model, version))

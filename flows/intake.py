@@ -9,14 +9,10 @@ from prefect import flow, get_run_logger, task
 
 from stagegate import runtime
 from stagegate.steps.intake import intake as intake_step
-from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
+from stagegate.steps.retry import RETRYING
 
 
-@task(
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=only_retryable,
-)
+@task(**RETRYING)
 def record_and_open(name: str, version: int) -> dict[str, Any]:
     rt = runtime.current()
     return asdict(intake_step(rt.engine, rt.registry, rt.sink, name, version))

@@ -14,24 +14,16 @@ from prefect import flow, get_run_logger, task
 from stagegate import runtime
 from stagegate.events.announce import announce_applied
 from stagegate.steps.apply import apply_transition
-from stagegate.steps.retry import RETRY_DELAYS_S, only_retryable
+from stagegate.steps.retry import RETRYING
 
 
-@task(
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=only_retryable,
-)
+@task(**RETRYING)
 def apply(transition_id: str) -> dict[str, Any]:
     rt = runtime.current()
     return asdict(apply_transition(rt.engine, rt.registry, transition_id, backend=rt.backend.name))
 
 
-@task(
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=only_retryable,
-)
+@task(**RETRYING)
 def sync_endpoint(model: str) -> dict[str, Any]:
     return asdict(runtime.sync_endpoint(runtime.current(), model))
 

@@ -261,19 +261,15 @@ def decide(
         },
     )
     if decision == "reject":
-        t.status, t.decided_at, t.status_reason = (
-            TransitionStatus.rejected,
-            now,
-            f"rejected by {principal.name}",
-        )
-        session.add(t)
-        audit.append(
+        _set_status(
             session,
+            t,
+            TransitionStatus.rejected,
+            f"rejected by {principal.name}",
             actor=principal.name,
-            action="transition.rejected",
-            entity_type="transition",
-            entity_id=t.id,
+            action="rejected",
             data={"comment": comment},
+            decided_at=now,
         )
         return t
     _evaluate(session, t, version, now, principal.name)
@@ -287,34 +283,54 @@ def reevaluate(session: Session, *, transition_id: str, now: datetime, actor: st
         return t
     version = versions.get_version(session, t.model_name, t.version)
     if version.stage != t.from_stage:
-        t.status, t.status_reason = (
+        _set_status(
+            session,
+            t,
             TransitionStatus.cancelled,
             f"version moved to {version.stage}",
-        )
-        session.add(t)
-        audit.append(
-            session,
             actor=actor,
-            action="transition.cancelled",
-            entity_type="transition",
-            entity_id=t.id,
-            data={"reason": t.status_reason},
+            action="cancelled",
         )
         return t
     _evaluate(session, t, version, now, actor)
     return t
 
 
-def _fail(session: Session, t: Transition, reason: str, actor: str, now: datetime) -> None:
-    t.status, t.status_reason, t.decided_at = TransitionStatus.failed, reason, t.decided_at or now
+def _set_status(
+    session: Session,
+    t: Transition,
+    status: TransitionStatus,
+    reason: str,
+    *,
+    actor: str,
+    action: str,
+    data: dict[str, object] | None = None,
+    decided_at: datetime | None = None,
+) -> None:
+    """Change a transition's status and write its audit row, in the caller's transaction."""
+    t.status, t.status_reason = status, reason
+    if decided_at is not None:
+        t.decided_at = decided_at
     session.add(t)
     audit.append(
         session,
         actor=actor,
-        action="transition.failed",
+        action=f"transition.{action}",
         entity_type="transition",
         entity_id=t.id,
-        data={"reason": reason},
+        data={"reason": reason} if data is None else data,
+    )
+
+
+def _fail(session: Session, t: Transition, reason: str, actor: str, now: datetime) -> None:
+    _set_status(
+        session,
+        t,
+        TransitionStatus.failed,
+        reason,
+        actor=actor,
+        action="failed",
+        decided_at=t.decided_at or now,
     )
 
 
@@ -414,14 +430,13 @@ def apply(
     except ConflictError as exc:
         # Another transition took the slot after this one was approved: wait, don't fail.
         # Approvals stay (they still expire); reconcile re-runs the gates when it frees up.
-        t.status, t.status_reason = TransitionStatus.pending, f"waiting: {exc.detail}"
-        session.add(t)
-        audit.append(
+        _set_status(
             session,
+            t,
+            TransitionStatus.pending,
+            f"waiting: {exc.detail}",
             actor=actor,
-            action="transition.deferred",
-            entity_type="transition",
-            entity_id=t.id,
+            action="deferred",
             data={"reason": exc.detail},
         )
         return outcome
@@ -461,17 +476,13 @@ def apply(
         moved = versions.get_version(session, change.model, change.version)
         for other in _open_for(session, moved):
             if other.id != t.id:
-                other.status, other.status_reason = (
+                _set_status(
+                    session,
+                    other,
                     TransitionStatus.cancelled,
                     f"superseded by transition {t.id}",
-                )
-                session.add(other)
-                audit.append(
-                    session,
                     actor=actor,
-                    action="transition.cancelled",
-                    entity_type="transition",
-                    entity_id=other.id,
+                    action="cancelled",
                     data={"superseded_by": t.id},
                 )
     return outcome

@@ -20,3 +20,11 @@ def only_retryable(_task: Any, _task_run: Any, state: Any) -> bool:
     except Exception:
         return False
     return False
+
+
+# Keyword arguments for a Prefect `@task`: retry RetryableErrors on the schedule above.
+RETRYING: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS_S),
+    "retry_delay_seconds": RETRY_DELAYS_S,
+    "retry_condition_fn": only_retryable,
+}
