@@ -113,7 +113,7 @@ def starlette_upstream_main(port: int, version: int, mode: str) -> None:
 
 def serve_model_available() -> bool:
     """The model server is installed and its CLI command is registered."""
-    if importlib.util.find_spec("stagegate.serving.model_server") is None:
+    if importlib.util.find_spec("stagegate.serving.model_server.server") is None:
         return False
     out = subprocess.run(
         [str(BIN / "stagegate"), "serve-model", "--help"],

@@ -1,4 +1,4 @@
-"""reconcile: on a schedule, catch versions and transitions that events missed."""
+"""reconcile: on a schedule, catch versions, transitions and endpoints that events missed."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from stagegate.governance import evaluations, transitions, versions
 from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role, Stage
-from stagegate.serving.inference_log import LocalInferenceLog
-from stagegate.serving.records import InferenceRecord
+from stagegate.serving.inference_log.records import InferenceRecord
+from stagegate.serving.inference_log.writer import LocalInferenceLog
 from stagegate.steps.evaluate import evaluate
 from tests.factories import Factory
 

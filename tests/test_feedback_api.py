@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from stagegate.serving.inference_log import LocalInferenceLog, read_labeled, read_labels
-from stagegate.serving.records import InferenceRecord
+from stagegate.serving.inference_log.records import InferenceRecord
+from stagegate.serving.inference_log.writer import LocalInferenceLog, read_labeled, read_labels
 from stagegate.settings import Settings
 from tests.factories import Factory, auth
 

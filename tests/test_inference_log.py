@@ -19,8 +19,9 @@ import fsspec  # type: ignore[import-untyped]
 import pytest
 
 from stagegate.errors import InvalidInput
-from stagegate.serving.inference_format import RECORD_SCHEMA
-from stagegate.serving.inference_log import (
+from stagegate.serving.inference_log.format import RECORD_SCHEMA
+from stagegate.serving.inference_log.records import InferenceRecord, Role
+from stagegate.serving.inference_log.writer import (
     LabelRecord,
     LocalInferenceLog,
     attach_labels,
@@ -30,7 +31,6 @@ from stagegate.serving.inference_log import (
     read_records,
     records_from_table,
 )
-from stagegate.serving.records import InferenceRecord, Role
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -250,8 +250,8 @@ def test_failed_writes_are_retried_and_dropped_only_at_close(tmp_path: Path) -> 
 CHILD = """
 import mmap, struct, sys, time
 from datetime import UTC, datetime
-from stagegate.serving.inference_log import LocalInferenceLog
-from stagegate.serving.records import InferenceRecord
+from stagegate.serving.inference_log.writer import LocalInferenceLog
+from stagegate.serving.inference_log.records import InferenceRecord
 
 root, counter, rate, rows, interval, total = sys.argv[1:]
 rate, total = float(rate), int(total)

@@ -32,10 +32,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from stagegate.errors import InvalidInput
-from stagegate.serving import model_device
-from stagegate.serving.model_numpy import NumpyScorer
-from stagegate.serving.model_server import ModelServer
-from stagegate.serving.scoring import LoadedModel, Parsed, ScoringError
+from stagegate.serving.model_server import device as model_device
+from stagegate.serving.model_server.numpy_model import NumpyScorer
+from stagegate.serving.model_server.scoring import LoadedModel, Parsed, ScoringError
+from stagegate.serving.model_server.server import ModelServer
 from tests.fixtures.mlflow_server import MlflowServer, free_port
 
 COLUMNS = [f"f{i}" for i in range(20)]

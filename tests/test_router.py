@@ -30,8 +30,8 @@ import uvicorn
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from stagegate.serving.records import InferenceRecord
-from stagegate.serving.router_assign import assign, threshold
+from stagegate.serving.inference_log.records import InferenceRecord
+from stagegate.serving.router.assign import assign, threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 20.0
@@ -64,8 +64,8 @@ class MemoryLog:
 
 def router_main() -> None:
     """The router subprocess: `python -c 'from tests.test_router import router_main; ...' ARGS`."""
-    from stagegate.serving.router import Router, serve
-    from stagegate.serving.router_config import FilePolicySource
+    from stagegate.serving.router.config import FilePolicySource
+    from stagegate.serving.router.server import Router, serve
 
     args = json.loads(sys.argv[1])
     router = Router(

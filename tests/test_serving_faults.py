@@ -40,8 +40,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stagegate.serving.inference_log import read_records
-from stagegate.serving.router_assign import assign, threshold
+from stagegate.serving.inference_log.writer import read_records
+from stagegate.serving.router.assign import assign, threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stagegate.cli"]

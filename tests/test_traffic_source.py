@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from stagegate.api.app import create_app
 from stagegate.events.sink import MemorySink
 from stagegate.serving.policy import Arm, TrafficPolicy
-from stagegate.serving.router_config import RejectedPolicy, UrlPolicySource
+from stagegate.serving.router.config import RejectedPolicy, UrlPolicySource
 from stagegate.settings import Settings
 from stagegate.steps.endpoint import write_policy
 from tests.factories import Factory

@@ -115,8 +115,8 @@ def router(
     """
     import logging
 
-    from stagegate.serving import router as router_mod
-    from stagegate.serving.router_config import policy_source
+    from stagegate.serving.router import server as router_mod
+    from stagegate.serving.router.config import policy_source
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     app_ = router_mod.Router(
@@ -157,7 +157,7 @@ def serve_model(
     ] = None,
 ) -> None:
     """Serve an MLflow pyfunc model: mlflow's /invocations protocol, micro-batched, with metrics."""
-    from stagegate.serving.model_server import serve
+    from stagegate.serving.model_server.server import serve
 
     try:
         serve(

@@ -15,6 +15,9 @@ from sqlmodel import Session, create_engine
 
 from stagegate.errors import RetryableError
 
+# `Engine` is re-exported: steps and flows type with it without importing SQL libraries.
+__all__ = ["Engine", "UTCDateTime", "make_engine", "reader", "transaction", "utcnow"]
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

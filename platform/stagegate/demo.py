@@ -241,7 +241,7 @@ class Demo:
         """Send generated traffic through the router, once a champion serves; show who answered."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        from stagegate.serving.inference_log import read_records
+        from stagegate.serving.inference_log.writer import read_records
 
         url = f"{self.settings.serving.router_url}/models/{self.model}/invocations"
         body = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.1] * 20]}}

@@ -6,13 +6,16 @@ import time
 from collections.abc import Callable
 
 from stagegate import stack
+from stagegate.db import make_engine, transaction
+from stagegate.governance import tokens
+from stagegate.lifecycle.stages import Role
 from stagegate.migrate import upgrade
 from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.settings import Settings
-from stagegate.steps.endpoint import ensure_policy_file
 
 WEBHOOK_EVENTS = ["model_version.created"]
 WEBHOOK_PATH = "/api/v1/events/mlflow"
+ROUTER_IDENTITY = "stagegate-router"  # the embedded router's token: it polls /api/v1/traffic
 
 
 def start(
@@ -22,7 +25,7 @@ def start(
     started = time.monotonic()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    ensure_policy_file(settings.router_file)  # the router starts with no routes
+    _register_router_token(settings)
     statuses = stack.up(settings, on_event=on_event, timeout_s=timeout_s)
     secret = stack.effective_webhook_secret(settings, stack.load_secrets(settings))
     hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
@@ -39,3 +42,16 @@ def register_webhook(settings: Settings, secret: str) -> str:
         settings.api.url + WEBHOOK_PATH, secret, WEBHOOK_EVENTS
     )
     return f"webhook {hook} -> {settings.api.url}{WEBHOOK_PATH}"
+
+
+def _register_router_token(settings: Settings) -> None:
+    secret = stack.load_secrets(settings).router_token
+    assert secret is not None  # load_secrets fills it in
+    engine = make_engine(settings.database_url)
+    try:
+        with transaction(engine) as session:
+            tokens.ensure_token(
+                session, name=ROUTER_IDENTITY, role=Role.service, secret=secret, actor="stagegate"
+            )
+    finally:
+        engine.dispose()

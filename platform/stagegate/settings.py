@@ -121,12 +121,8 @@ class Settings(BaseSettings):
 
     @property
     def serving_root(self) -> Path:
-        """Pid files and logs of the local model servers, and the router's policy file."""
+        """Pid files and logs of the local model servers."""
         return (self.home / "serving").resolve()
-
-    @property
-    def router_file(self) -> Path:
-        return self.serving_root / "router.json"
 
 
 @lru_cache(maxsize=1)

@@ -145,6 +145,10 @@ class Transition(SQLModel, table=True):
     created_at: datetime = _ts()
     decided_at: datetime | None = _ts(nullable=True)
     applied_at: datetime | None = _ts(nullable=True)
+    # The endpoint generation its apply produced, and when `stagegate.transition.applied` went
+    # out: converge announces an applied transition once routers serve that generation.
+    generation: int | None = Field(default=None)
+    announced_at: datetime | None = _ts(nullable=True)
 
 
 class Approval(SQLModel, table=True):
@@ -240,3 +244,23 @@ class Evaluation(SQLModel, table=True):
     summary: dict[str, Any] = _json(dict)
     window_start: datetime = _ts()
     created_at: datetime = _ts()
+
+
+class Endpoint(SQLModel, table=True):
+    """A model's endpoint: the desired state, and the route routers serve (see `endpoints.py`).
+
+    `generation` counts every change routers must see: a new desired state (written with the
+    stage move) or new server URLs (written by converge). `route` is the traffic policy of
+    `route_generation`, with URLs; `converged_generation` is the last one routers served and
+    whose leftover servers were removed.
+    """
+
+    __tablename__ = "endpoint"
+
+    model_name: str = Field(primary_key=True, foreign_key="registered_model.name", max_length=128)
+    generation: int = 0
+    spec: dict[str, Any] = _json(dict)
+    route: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    route_generation: int = 0
+    converged_generation: int = 0
+    updated_at: datetime = _ts()

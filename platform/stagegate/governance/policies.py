@@ -36,4 +36,8 @@ def set_policy(session: Session, model_name: str, policy: Policy, *, actor: str)
         entity_id=model_name,
         data=body,
     )
+    # The traffic section is part of each endpoint's desired state: keep them in step.
+    from stagegate.governance import endpoints  # it reads policies: import here, not above
+
+    endpoints.policy_changed(session, model_name, actor=actor)
     return row

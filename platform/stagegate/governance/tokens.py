@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, col, select
 
 from stagegate.db import utcnow
-from stagegate.errors import ConflictError, NotFoundError
+from stagegate.errors import ConflictError, InvalidInput, NotFoundError
 from stagegate.governance import audit
 from stagegate.governance.models import ApiToken
 from stagegate.lifecycle.stages import Role
@@ -32,11 +32,7 @@ def hash_token(token: str) -> str:
 
 def create_token(session: Session, *, name: str, role: Role, actor: str = "cli") -> str:
     """Create a token and return its secret; only its hash is kept."""
-    existing = session.exec(
-        select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
-    ).first()
-    if existing is not None and existing.role != role:
-        raise ConflictError(f"{name!r} already holds role {existing.role}; one role per identity")
+    _check_one_role(session, name, role)
     secret = PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(name=name, role=role, token_hash=hash_token(secret))
     session.add(token)
@@ -49,6 +45,37 @@ def create_token(session: Session, *, name: str, role: Role, actor: str = "cli")
         data={"role": role.value},
     )
     return secret
+
+
+def ensure_token(session: Session, *, name: str, role: Role, secret: str, actor: str) -> bool:
+    """Register a secret made elsewhere (the embedded stack's own services); idempotent.
+    Returns True when it was added."""
+    if not secret.startswith(PREFIX):
+        raise InvalidInput(f"a token starts with {PREFIX!r}")
+    found = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+    if found is not None:
+        if found.revoked_at is not None or found.name != name or found.role != role:
+            raise ConflictError(f"that secret is taken, or was revoked; make a new one for {name}")
+        return False
+    _check_one_role(session, name, role)
+    session.add(ApiToken(name=name, role=role, token_hash=hash_token(secret)))
+    audit.append(
+        session,
+        actor=actor,
+        action="token.created",
+        entity_type="token",
+        entity_id=name,
+        data={"role": role.value},
+    )
+    return True
+
+
+def _check_one_role(session: Session, name: str, role: Role) -> None:
+    existing = session.exec(
+        select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
+    ).first()
+    if existing is not None and existing.role != role:
+        raise ConflictError(f"{name!r} already holds role {existing.role}; one role per identity")
 
 
 def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:

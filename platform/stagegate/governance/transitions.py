@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied, TransitionRejected
-from stagegate.governance import audit, evaluations, versions
+from stagegate.governance import audit, endpoints, evaluations, versions
 from stagegate.governance.models import (
     OPEN_STATUSES,
     Approval,
@@ -455,7 +455,10 @@ def apply(
         _move(session, restored, Stage.production, t, now, backend, outcome.changes)
         displaced.append(f"v{restored.version} retired->production (restored)")
 
+    # The endpoint's desired state moves with the stages, in this same transaction.
+    endpoint = endpoints.desire(session, t.model_name, actor=actor)
     t.status, t.applied_at, t.status_reason = TransitionStatus.applied, now, "applied"
+    t.generation = endpoint.generation
     session.add(t)
     audit.append(
         session,
@@ -469,6 +472,7 @@ def apply(
             "from": t.from_stage.value,
             "to": t.to_stage.value,
             "also": displaced,
+            "generation": endpoint.generation,
         },
     )
     # Anything else still open for the versions that moved was asked about a stage they left.
@@ -486,3 +490,43 @@ def apply(
                     data={"superseded_by": t.id},
                 )
     return outcome
+
+
+def pending_ids(
+    session: Session, *, model: str | None = None, version: int | None = None
+) -> list[str]:
+    """Ids of pending transitions, of one version when `model` and `version` are given."""
+    query = select(Transition.id).where(Transition.status == TransitionStatus.pending)
+    if model is not None:
+        query = query.where(Transition.model_name == model)
+    if version is not None:
+        query = query.where(Transition.version == version)
+    return list(session.exec(query).all())
+
+
+def approved_before(session: Session, cutoff: datetime) -> list[str]:
+    """Ids of transitions approved before `cutoff` and still not applied."""
+    return list(
+        session.exec(
+            select(Transition.id).where(
+                Transition.status == TransitionStatus.approved,
+                col(Transition.decided_at) < cutoff,
+            )
+        ).all()
+    )
+
+
+def touched(session: Session, transition_id: str) -> list[tuple[str, int, Stage]]:
+    """Versions whose deployment windows the transition opened or closed, with their stage."""
+    t = get_transition(session, transition_id)
+    found = {(t.model_name, t.version)}
+    for dep in session.exec(
+        select(Deployment).where(
+            or_(
+                col(Deployment.transition_id) == transition_id,
+                col(Deployment.ended_by_transition_id) == transition_id,
+            )
+        )
+    ).all():
+        found.add((dep.model_name, dep.version))
+    return [(m, v, versions.get_version(session, m, v).stage) for m, v in sorted(found)]

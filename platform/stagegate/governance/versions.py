@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, func, or_, select
 
 from stagegate.errors import NotFoundError
 from stagegate.governance import audit
@@ -18,7 +18,7 @@ from stagegate.governance.models import (
     VersionDependency,
 )
 from stagegate.lifecycle.gates import VersionFacts
-from stagegate.lifecycle.stages import Stage
+from stagegate.lifecycle.stages import LIVE, Stage
 
 
 @dataclass(frozen=True)
@@ -189,3 +189,19 @@ def list_versions(session: Session, name: str) -> list[ModelVersion]:
             .order_by(col(ModelVersion.version))
         ).all()
     )
+
+
+def known_versions(session: Session) -> set[tuple[str, int]]:
+    """(model, version) of every recorded version."""
+    rows = session.exec(select(ModelVersion.model_name, ModelVersion.version)).all()
+    return {(name, number) for name, number in rows}
+
+
+def live_or_moved_since(session: Session, since: datetime) -> list[tuple[str, int, Stage]]:
+    """(model, version, stage) of versions that are live or changed stage since `since`."""
+    rows = session.exec(
+        select(ModelVersion).where(
+            or_(col(ModelVersion.stage).in_(LIVE), col(ModelVersion.stage_changed_at) >= since)
+        )
+    ).all()
+    return [(v.model_name, v.version, v.stage) for v in rows]

@@ -6,8 +6,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
-LIVE_FROM = frozenset({Stage.shadow, Stage.canary, Stage.production})
-
 
 class ApprovalRule(BaseModel):
     """N approvals from the given roles, for moves from any of `from_stages` to `to_stages`."""

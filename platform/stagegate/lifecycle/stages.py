@@ -61,3 +61,6 @@ DEPLOYMENT_ROLE: dict[Stage, DeploymentRole] = {
     Stage.canary: DeploymentRole.challenger,
     Stage.shadow: DeploymentRole.shadow,
 }
+
+# Stages whose versions are served: the one definition of "live".
+LIVE: frozenset[Stage] = frozenset(DEPLOYMENT_ROLE)

@@ -1,6 +1,7 @@
 """Traffic policies: how a model's endpoint splits, mirrors and falls back.
 
-The router reads them from the governance API or, standalone, from a JSON/YAML file.
+The router polls them from the governance API (`GET /api/v1/traffic`, served from the
+database) or, standalone, reads them from a JSON/YAML file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class TrafficPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, max_length=128)
+    generation: int = Field(
+        default=0,
+        ge=0,
+        description="The endpoint generation this policy carries out; converge waits for it.",
+    )
     champion: Arm
     challenger: Arm | None = None
     challenger_weight: float = Field(

@@ -11,6 +11,7 @@ from cryptography.fernet import Fernet
 from pydantic import BaseModel, Field, ValidationError
 
 from stagegate.errors import PermanentError
+from stagegate.governance import tokens
 from stagegate.settings import DEV_WEBHOOK_SECRET, Settings
 
 
@@ -18,6 +19,10 @@ class StackSecrets(BaseModel):
     webhook_secret: str = Field(description="HMAC secret shared by the MLflow webhook and the API.")
     mlflow_fernet_key: str = Field(
         description="Fernet key MLflow uses to encrypt webhook secrets at rest."
+    )
+    router_token: str | None = Field(
+        default=None,
+        description="The embedded router's API token (role service): it polls /api/v1/traffic.",
     )
 
 
@@ -36,22 +41,37 @@ def load_secrets(settings: Settings) -> StackSecrets:
         raise PermanentError(f"cannot read stack secrets from {path}: {exc}") from exc
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
+    if loaded.router_token is None:  # a home made before the router polled the API
+        loaded = loaded.model_copy(update={"router_token": _router_token()})
+        _write(path, loaded, replace=True)
     return loaded
+
+
+def _router_token() -> str:
+    return tokens.PREFIX + secrets.token_urlsafe(32)
 
 
 def _create(path: Path) -> None:
     fresh = StackSecrets(
         webhook_secret=secrets.token_urlsafe(32),
         mlflow_fernet_key=Fernet.generate_key().decode(),
+        router_token=_router_token(),
     )
+    _write(path, fresh, replace=False)
+
+
+def _write(path: Path, content: StackSecrets, *, replace: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(fresh.model_dump(), fh, indent=2)
-        # link() fails when another process created the file first: theirs wins.
-        os.link(tmp, path)
+            json.dump(content.model_dump(), fh, indent=2)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            # link() fails when another process created the file first: theirs wins.
+            os.link(tmp, path)
     except FileExistsError:
         pass
     finally:

@@ -195,16 +195,18 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         depends_on=("api", "prefect"),
         url=urls["worker"],
     )
-    # The router reads the policy file that endpoint sync writes (`embedded.start` creates it).
+    # The router polls its policies from the API, as routers in any pod would; no shared file.
+    traffic_url = f"{settings.api.url.rstrip('/')}/api/v1/traffic"
     router = ServiceSpec(
         name="router",
         argv=[
-            *(python, "-m", "stagegate.cli", "router", "--policy", str(settings.router_file)),
+            *(python, "-m", "stagegate.cli", "router", "--policy", traffic_url),
             *("--log-dir", settings.inference_log_url),
             *_flags(host="127.0.0.1", port=settings.serving.router_port),
         ],
-        env=app_env,
+        env={**app_env, "STAGEGATE_ROUTER_TOKEN": secrets.router_token or ""},
         health_check=HealthCheck(url=f"{settings.serving.router_url}/health"),
+        depends_on=("api",),
         url=urls["router"],
         port=settings.serving.router_port,
     )

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, or_, select
-
-from stagegate.db import transaction, utcnow
-from stagegate.governance import transitions, versions
-from stagegate.governance.models import Deployment, TransitionStatus
+from stagegate.db import Engine, transaction, utcnow
+from stagegate.governance import transitions
+from stagegate.governance.models import TransitionStatus
 from stagegate.lifecycle.stages import Stage
 from stagegate.registry.protocol import ModelRegistry
 from stagegate.steps.common import SERVICE
@@ -25,22 +22,6 @@ class ApplyResult:
     status: TransitionStatus
     reason: str | None
     mirrored: list[tuple[str, int, Stage]]
-
-
-def _touched(session: Session, transition_id: str) -> list[tuple[str, int, Stage]]:
-    """Versions whose deployment windows this transition opened or closed, and their stage."""
-    t = transitions.get_transition(session, transition_id)
-    found = {(t.model_name, t.version)}
-    for dep in session.exec(
-        select(Deployment).where(
-            or_(
-                col(Deployment.transition_id) == transition_id,
-                col(Deployment.ended_by_transition_id) == transition_id,
-            )
-        )
-    ).all():
-        found.add((dep.model_name, dep.version))
-    return [(m, v, versions.get_version(session, m, v).stage) for m, v in sorted(found)]
 
 
 def apply_transition(
@@ -64,7 +45,9 @@ def apply_transition(
         )
         result_status, reason = outcome.transition.status, outcome.transition.status_reason
         touched = (
-            _touched(session, transition_id) if result_status is TransitionStatus.applied else []
+            transitions.touched(session, transition_id)
+            if result_status is TransitionStatus.applied
+            else []
         )
     # The database is the truth; the registry mirror follows and is safe to repeat.
     for model, version, stage in touched:

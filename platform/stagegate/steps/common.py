@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy.engine import Engine
-
-from stagegate.db import transaction, utcnow
+from stagegate.db import Engine, transaction, utcnow
 from stagegate.events.announce import announce_if_approved
 from stagegate.events.sink import EventSink
 from stagegate.governance import transitions

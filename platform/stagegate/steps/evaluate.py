@@ -7,17 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.engine import Engine
-from sqlmodel import select
-
-from stagegate.db import transaction, utcnow
+from stagegate.db import Engine, transaction, utcnow
 from stagegate.events.sink import EventSink
-from stagegate.governance import evaluations, versions
-from stagegate.governance.models import Transition, TransitionStatus
+from stagegate.governance import evaluations, transitions, versions
 from stagegate.governance.policies import get_policy
 from stagegate.lifecycle.policy import CanaryCriteria, ShadowCriteria
-from stagegate.lifecycle.stages import Stage
-from stagegate.serving.comparison import Comparison, compare
+from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Stage
+from stagegate.serving.inference_log.comparison import Comparison, compare
 from stagegate.steps.common import SERVICE, regate
 
 KIND = {Stage.shadow: "shadow", Stage.canary: "canary"}
@@ -116,7 +112,7 @@ def evaluate(
             log_url,
             model,
             arm_version=version,
-            role="shadow" if kind == "shadow" else "challenger",
+            role=DEPLOYMENT_ROLE[stage],
             champion_version=champion_version,
             since=since,
         )
@@ -144,12 +140,6 @@ def evaluate(
         )
     # Transitions waiting on this report re-run their gates now, not at the next reconcile.
     with transaction(engine, read_only=True) as session:
-        waiting = session.exec(
-            select(Transition.id).where(
-                Transition.model_name == model,
-                Transition.version == version,
-                Transition.status == TransitionStatus.pending,
-            )
-        ).all()
+        waiting = transitions.pending_ids(session, model=model, version=version)
     result.approved = regate(engine, sink, waiting)
     return result

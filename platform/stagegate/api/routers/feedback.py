@@ -14,7 +14,7 @@ from stagegate.db import utcnow
 from stagegate.errors import RetryableError
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role
-from stagegate.serving.inference_labels import LabelRecord, attach_labels
+from stagegate.serving.inference_log.labels import LabelRecord, attach_labels
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
-ServingRole = Literal["champion", "challenger", "shadow"]
+from stagegate.lifecycle.stages import DeploymentRole
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class ServedVersion:
     model: str
     version: int
     model_uri: str  # e.g. models:/fraud/3 (built by Stagegate, never taken from a request)
-    role: ServingRole
+    role: DeploymentRole
     device: str = "auto"  # auto | cpu | cuda[:N]
     gpus: int = 0  # Kubernetes: nvidia.com/gpu request; local: informational
     node_selector: dict[str, str] = field(default_factory=dict)  # Kubernetes only

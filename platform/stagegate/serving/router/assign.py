@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from stagegate.serving.records import Role
+from stagegate.serving.inference_log.records import Role
 
 BUCKETS = 10_000
 
@@ -30,11 +30,11 @@ def threshold(challenger_weight: float) -> int:
 def assign(model: str, key: str | None, challenger_threshold: int, rng: random.Random) -> Role:
     """Champion or challenger for this request; no key means an independent draw."""
     if challenger_threshold <= 0:
-        return "champion"
+        return Role.champion
     if challenger_threshold >= BUCKETS:
-        return "challenger"
+        return Role.challenger
     b = rng.randrange(BUCKETS) if key is None else bucket(model, key)
-    return "challenger" if b < challenger_threshold else "champion"
+    return Role.challenger if b < challenger_threshold else Role.champion
 
 
 def key_hash(key: str | None) -> str | None:

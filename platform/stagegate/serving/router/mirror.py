@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stagegate.serving.router_config import Route
-from stagegate.serving.router_upstream import Response, UpstreamError, UpstreamPool
+from stagegate.serving.router.config import Route
+from stagegate.serving.router.upstream import Response, UpstreamError, UpstreamPool
 
 log = logging.getLogger("stagegate.router")
 

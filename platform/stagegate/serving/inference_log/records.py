@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Role = Literal["champion", "challenger", "shadow"]
+from stagegate.lifecycle.stages import DeploymentRole as Role
+
+__all__ = ["InferenceLogWriter", "InferenceRecord", "Role"]
 
 
 @dataclass(frozen=True)

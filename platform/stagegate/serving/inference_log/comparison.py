@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stagegate.serving.inference_log import read_records
+from stagegate.lifecycle.stages import DeploymentRole
+from stagegate.serving.inference_log.writer import read_records
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def compare(
     model: str,
     *,
     arm_version: int,
-    role: str,
+    role: DeploymentRole,
     champion_version: int,
     since: datetime,
 ) -> Comparison:
@@ -78,10 +79,12 @@ def compare(
         ["request_id", "version", "role", "output", "status", "latency_ms"]
     ).to_pylist()
     arm = [r for r in rows if r["role"] == role and r["version"] == arm_version]
-    champ = [r for r in rows if r["role"] == "champion" and r["version"] == champion_version]
+    champ = [
+        r for r in rows if r["role"] == DeploymentRole.champion and r["version"] == champion_version
+    ]
     arm_stats = _stats([r["status"] for r in arm], [r["latency_ms"] for r in arm])
     champ_stats = _stats([r["status"] for r in champ], [r["latency_ms"] for r in champ])
-    if role != "shadow":
+    if role is not DeploymentRole.shadow:
         ok = sum(1 for r in arm if r["status"] == 200)
         return Comparison(arm_stats, champ_stats, ok, None, None)
 

@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from stagegate.errors import InvalidInput, RetryableError, StagegateError
 from stagegate.serving.policy import Arm, RouterConfig, TrafficPolicy
-from stagegate.serving.router_assign import threshold
-from stagegate.serving.router_upstream import Target
+from stagegate.serving.router.assign import threshold
+from stagegate.serving.router.upstream import Target
 
 log = logging.getLogger("stagegate.router")
 

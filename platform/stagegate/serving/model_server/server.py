@@ -22,10 +22,10 @@ from starlette.types import Receive, Scope, Send
 
 from stagegate import __version__
 from stagegate.errors import InvalidInput, PermanentError
-from stagegate.serving.batcher import MicroBatcher
-from stagegate.serving.model_device import check_device
-from stagegate.serving.model_metrics import ModelServerMetrics
-from stagegate.serving.scoring import (
+from stagegate.serving.model_server.batcher import MicroBatcher
+from stagegate.serving.model_server.device import check_device
+from stagegate.serving.model_server.metrics import ModelServerMetrics
+from stagegate.serving.model_server.scoring import (
     INTERNAL_ERROR,
     LoadedModel,
     Parsed,
@@ -273,7 +273,9 @@ def create_app(
     """The app for `model_uri`; it starts loading when the ASGI lifespan starts."""
 
     def load() -> LoadedModel:
-        from stagegate.serving.model_loader import load_model  # mlflow costs seconds to import
+        from stagegate.serving.model_server.loader import (
+            load_model,  # mlflow costs seconds to import
+        )
 
         return load_model(model_uri, tracking_uri=tracking_uri, device=device)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stagegate.serving.scoring import (
+from stagegate.serving.model_server.scoring import (
     CONTENT_TYPE_JSON,
     DocumentScorer,
     Parsed,

@@ -29,9 +29,9 @@ from mlflow.pyfunc import scoring_server as _scoring_server
 from mlflow.types import DataType
 
 from stagegate.errors import PermanentError
-from stagegate.serving.model_device import parse_device, resolve_device
-from stagegate.serving.model_numpy import FAST_GROUP, ColumnType, NumpyScorer
-from stagegate.serving.scoring import (
+from stagegate.serving.model_server.device import parse_device, resolve_device
+from stagegate.serving.model_server.numpy_model import FAST_GROUP, ColumnType, NumpyScorer
+from stagegate.serving.model_server.scoring import (
     CONTENT_TYPE_CSV,
     CONTENT_TYPE_JSON,
     LoadedModel,

@@ -22,7 +22,7 @@ import threading
 from collections import defaultdict
 from datetime import date
 
-from stagegate.serving.inference_format import (
+from stagegate.serving.inference_log.format import (
     open_root,
     partition_dir,
     records_from_table,
@@ -30,14 +30,14 @@ from stagegate.serving.inference_format import (
     utc,
     write_parquet,
 )
-from stagegate.serving.inference_labels import (
+from stagegate.serving.inference_log.labels import (
     LabelRecord,
     attach_labels,
     read_labeled,
     read_labels,
 )
-from stagegate.serving.inference_read import connect, query, read_records
-from stagegate.serving.records import InferenceRecord
+from stagegate.serving.inference_log.read import connect, query, read_records
+from stagegate.serving.inference_log.records import InferenceRecord
 
 __all__ = [
     "LabelRecord",

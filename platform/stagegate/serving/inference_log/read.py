@@ -10,7 +10,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.dataset as ds  # type: ignore[import-untyped]
 
 from stagegate.errors import InvalidInput
-from stagegate.serving.inference_format import (
+from stagegate.serving.inference_log.format import (
     DATE_FIELD,
     LABEL_GLOB,
     LABEL_SCHEMA,

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
 
-from stagegate.serving.records import InferenceRecord
+from stagegate.serving.inference_log.records import InferenceRecord
 
 FileSystem = Any  # an fsspec AbstractFileSystem (fsspec ships no type information)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa  # type: ignore[import-untyped]
 
-from stagegate.serving.inference_format import (
+from stagegate.serving.inference_log.format import (
     LABEL_SCHEMA,
     LABELS_DIR,
     dumps,
@@ -18,7 +18,7 @@ from stagegate.serving.inference_format import (
     utc,
     write_parquet,
 )
-from stagegate.serving.inference_read import connect
+from stagegate.serving.inference_log.read import connect
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,14 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stagegate.errors import NotFoundError
+from stagegate.serving.inference_log.records import InferenceLogWriter, InferenceRecord, Role
 from stagegate.serving.policy import Arm
-from stagegate.serving.records import InferenceLogWriter, InferenceRecord, Role
-from stagegate.serving.router_assign import assign, key_from_field, key_hash
-from stagegate.serving.router_config import PolicySource, PolicyStore, Route, RoutingTable
-from stagegate.serving.router_http import JoinedWritesProtocol
-from stagegate.serving.router_metrics import RouterMetrics
-from stagegate.serving.router_mirror import MirrorJob, ShadowMirror
-from stagegate.serving.router_upstream import (
+from stagegate.serving.router.assign import assign, key_from_field, key_hash
+from stagegate.serving.router.config import PolicySource, PolicyStore, Route, RoutingTable
+from stagegate.serving.router.http import JoinedWritesProtocol
+from stagegate.serving.router.metrics import RouterMetrics
+from stagegate.serving.router.mirror import MirrorJob, ShadowMirror
+from stagegate.serving.router.upstream import (
     Response,
     Target,
     UpstreamError,
@@ -248,9 +248,11 @@ class Router:
     ) -> list[_Attempt]:
         """The assigned arm, then the champion if a challenger failed and the policy says so."""
         policy = route.policy
-        if role == "champion" or route.challenger is None or policy.challenger is None:
+        if role == Role.champion or route.challenger is None or policy.challenger is None:
             return [
-                await self._call(route, "champion", policy.champion, route.champion, body, headers)
+                await self._call(
+                    route, Role.champion, policy.champion, route.champion, body, headers
+                )
             ]
         tried = await self._call(route, role, policy.challenger, route.challenger, body, headers)
         if not tried.failed:
@@ -260,7 +262,7 @@ class Router:
             return [tried]
         # A fresh full timeout for the champion: worst case is twice timeout_ms.
         champion = await self._call(
-            route, "champion", policy.champion, route.champion, body, headers
+            route, Role.champion, policy.champion, route.champion, body, headers
         )
         return [tried, champion]
 
@@ -300,10 +302,10 @@ class Router:
         assert route.policy.shadow is not None
         arm = route.policy.shadow
         model = route.policy.model
-        attempt = _Attempt("shadow", arm, response, latency_ms, timed_out=False)
+        attempt = _Attempt(Role.shadow, arm, response, latency_ms, timed_out=False)
         version = str(arm.version)
-        self.metrics.requests.labels(model, version, "shadow", str(attempt.status)).inc()
-        self.metrics.upstream_latency.labels(model, version, "shadow").observe(latency_ms / 1000)
+        self.metrics.requests.labels(model, version, Role.shadow, str(attempt.status)).inc()
+        self.metrics.upstream_latency.labels(model, version, Role.shadow).observe(latency_ms / 1000)
         self.metrics.shadow.labels(model, "failed" if attempt.failed else "mirrored").inc()
         if self._writer is not None:
             self._log(model, job.request_id, job.key, _loads(job.body), attempt, time.time())
@@ -503,9 +505,11 @@ def writer_for(log_dir: str | None) -> InferenceLogWriter | None:
     import importlib
 
     try:
-        module = importlib.import_module("stagegate.serving.inference_log")
+        module = importlib.import_module("stagegate.serving.inference_log.writer")
     except ImportError:
-        log.warning("stagegate.serving.inference_log is not available: not logging inferences")
+        log.warning(
+            "stagegate.serving.inference_log.writer is not available: not logging inferences"
+        )
         return None
     writer: InferenceLogWriter = module.LocalInferenceLog(log_dir)
     return writer

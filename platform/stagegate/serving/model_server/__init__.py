@@ -1,0 +1,1 @@
+"""The model server: an MLflow pyfunc behind MLflow's scoring formats, with micro-batching."""
