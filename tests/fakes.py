@@ -1,16 +1,18 @@
-"""A registry that keeps versions in memory: a fake at our own `ModelRegistry` boundary.
+"""Fakes at our own protocol boundaries: `ModelRegistry` and `ServingBackend`.
 
 Tests of the registry adapter itself, and the end-to-end tests, use a real MLflow server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from stagegate.errors import NotFoundError
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
 from stagegate.registry.protocol import DatasetRef, RegistryVersion, VersionRef
+from stagegate.serving.backends.protocol import DeploymentState, ServedVersion
 
 
 @dataclass
@@ -63,3 +65,45 @@ class FakeRegistry:
     def swap_artifact(self, name: str, version: int) -> None:
         self.digests[(name, version)] = "f" * 64
         self.versions[(name, version)] = replace(self.versions[(name, version)])
+
+
+@dataclass
+class FakeBackend:
+    """A serving backend that starts nothing: a fake at our own `ServingBackend` boundary.
+
+    The local backend is tested with real model server processes in test_local_backend.py.
+    `restart` moves a server to a new port, as a crashed local server would come back.
+    """
+
+    name: str = "fake"
+    servers: dict[tuple[str, int], DeploymentState] = field(default_factory=dict)
+    deploy_calls: list[ServedVersion] = field(default_factory=list)
+    next_port: int = 7001
+    on_deploy: Callable[[ServedVersion], None] | None = None
+
+    def _url(self) -> str:
+        self.next_port += 1
+        return f"http://127.0.0.1:{self.next_port - 1}"
+
+    def deploy(self, served: ServedVersion, *, timeout_s: float = 120) -> DeploymentState:
+        self.deploy_calls.append(served)
+        if self.on_deploy is not None:
+            self.on_deploy(served)
+        key = (served.model, served.version)
+        if key not in self.servers:
+            self.servers[key] = DeploymentState(
+                served.key, served.model, served.version, self._url(), running=True, healthy=True
+            )
+        return self.servers[key]
+
+    def restart(self, model: str, version: int) -> None:
+        self.servers[(model, version)] = replace(self.servers[(model, version)], url=self._url())
+
+    def observe(self, model: str, version: int) -> DeploymentState | None:
+        return self.servers.get((model, version))
+
+    def remove(self, model: str, version: int) -> bool:
+        return self.servers.pop((model, version), None) is not None
+
+    def list(self) -> list[DeploymentState]:
+        return list(self.servers.values())

@@ -14,11 +14,16 @@ from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.steps.apply import apply_transition
+from stagegate.steps.converge import DataPlane
 from stagegate.steps.intake import intake
 from stagegate.steps.reconcile import reconcile
-from tests.fakes import FakeRegistry
+from tests.fakes import FakeBackend, FakeRegistry
 
 ALICE = Principal("alice", Role.approver)
+
+
+def _plane() -> DataPlane:
+    return DataPlane(FakeBackend(), router_url=None)
 
 
 def test_intake_records_lineage_and_opens_one_transition(engine: Engine, sink: MemorySink) -> None:
@@ -46,7 +51,7 @@ def test_reconcile_intakes_missed_versions_and_applies_stale_approvals(
     reg = FakeRegistry()
     reg.add("fraud", 1)
     reg.add("fraud", 2)
-    report = reconcile(engine, reg, sink, stale_after_s=0)
+    report = reconcile(engine, reg, sink, _plane(), stale_after_s=0)
     assert report.intaken == ["fraud/1", "fraud/2"]
     assert report.errors == []
 
@@ -63,7 +68,7 @@ def test_reconcile_intakes_missed_versions_and_applies_stale_approvals(
         )
         t.decided_at = utcnow() - timedelta(minutes=5)
         s.add(t)
-    report = reconcile(engine, reg, sink, stale_after_s=60)
+    report = reconcile(engine, reg, sink, _plane(), stale_after_s=60)
     assert report.applied == [f"{t.id}: applied"]
     with transaction(engine) as s:
         assert versions.get_version(s, "fraud", 1).stage is Stage.shadow
@@ -114,9 +119,10 @@ def test_a_held_stage_keeps_the_transition_pending_until_reconcile_sees_it_free(
         "stage_free": False,
     }
     _leave_shadow(engine, reg, 1)
-    report = reconcile(engine, reg, sink, stale_after_s=3600)
+    report = reconcile(engine, reg, sink, _plane(), stale_after_s=3600)
     assert report.approved == [t2]
-    assert sink.events[-1].resource["stagegate.transition.id"] == t2
+    approved = [e for e in sink.events if e.event == "stagegate.transition.approved"]
+    assert approved[-1].resource["stagegate.transition.id"] == t2
 
 
 def test_two_approvals_racing_for_one_slot_defer_the_second(
@@ -190,7 +196,7 @@ def test_reconcile_repairs_the_registry_mirror_and_skips_unsupported_names(
     reg = FakeRegistry()
     reg.add("fraud", 1)
     reg.add("bad name!", 1)  # MLflow allows it; Stagegate's names are stricter
-    report = reconcile(engine, reg, sink, stale_after_s=3600)
+    report = reconcile(engine, reg, sink, _plane(), stale_after_s=3600)
     assert report.skipped == ["bad name!/1: unsupported model name"]
     with transaction(engine) as s:
         t = s.exec(select(Transition)).one()
@@ -198,6 +204,6 @@ def test_reconcile_repairs_the_registry_mirror_and_skips_unsupported_names(
     apply_transition(engine, reg, t.id)
     reg.aliases["fraud"] = {"champion": 1}  # someone edited aliases by hand in MLflow
     reg.stage_tags[("fraud", 1)] = "production"
-    reconcile(engine, reg, sink, stale_after_s=3600)
+    reconcile(engine, reg, sink, _plane(), stale_after_s=3600)
     assert reg.aliases["fraud"] == {"shadow": 1}
     assert reg.stage_tags[("fraud", 1)] == "shadow"

@@ -97,6 +97,7 @@ def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str
             found = endpoints.desire(session, model, actor=SERVICE.name)
     wanted = found
     arms: dict[DeploymentRole, Arm] = {}
+    urls: dict[str, tuple[int, str]] = {}
     for role, version in wanted.spec.arms.items():
         deployed = plane.backend.deploy(
             ServedVersion(
@@ -106,6 +107,7 @@ def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str
         if deployed.url is None:
             raise RetryableError(f"{model} v{version} has no URL after deploy")
         arms[role] = Arm(version=version, url=deployed.url)
+        urls[role.value] = (version, deployed.url)
     route = _route(model, wanted.spec, arms)
     with transaction(engine) as session:
         generation = endpoints.publish_route(
@@ -115,9 +117,7 @@ def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str
             route=None if route is None else route.model_dump(mode="json"),
             actor=SERVICE.name,
         )
-    result = ConvergeResult(
-        model, generation, {r.value: (a.version, str(a.url)) for r, a in arms.items()}
-    )
+    result = ConvergeResult(model, generation, urls)
     if plane.router_url is not None:
         wait_for_router(
             plane.router_url,
