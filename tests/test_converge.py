@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from stagegate.api.app import create_app
 from stagegate.db import transaction, utcnow
 from stagegate.errors import RetryableError
+from stagegate.events.announce import announce_applied
 from stagegate.events.sink import MemorySink, OutEvent
 from stagegate.governance import endpoints, transitions
 from stagegate.governance.models import TransitionStatus
@@ -192,6 +193,18 @@ def test_a_lost_applied_event_is_repaired_by_the_next_converge(
         assert transitions.get_transition(s, tid).announced_at is not None
     reconcile(engine, reg, sink, plane, stale_after_s=3600)  # once only
     assert len([e for e in sink.events if e.event == "stagegate.transition.applied"]) == 1
+
+
+def test_an_applied_announcement_has_one_id_so_prefect_drops_a_racing_duplicate() -> None:
+    def sent(tid: str) -> str:
+        sink = MemorySink()
+        announce_applied(
+            sink, transition_id=tid, model="m", version=1, from_stage="a", to_stage="b"
+        )
+        return sink.events[0].id
+
+    assert sent("t1") == sent("t1")
+    assert sent("t1") != sent("t2")
 
 
 def test_a_server_back_on_another_port_is_a_new_generation(

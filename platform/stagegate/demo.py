@@ -20,7 +20,7 @@ from rich.console import Console
 
 from stagegate.db import make_engine, transaction
 from stagegate.governance import tokens
-from stagegate.lifecycle.stages import Role
+from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Role, Stage
 from stagegate.settings import Settings
 
 PEOPLE: dict[str, Role] = {
@@ -222,7 +222,7 @@ class Demo:
         """Wait until the router serves the new stage (endpoint sync follows the commit).
 
         False when there is nothing to route yet: no champion means no route at all."""
-        arm = {"production": "champion", "canary": "challenger", "shadow": "shadow"}[stage]
+        arm = DEPLOYMENT_ROLE[Stage(stage)].value
 
         def routed() -> dict[str, Any] | None:
             doc = self.api.get(f"{self.settings.serving.router_url}/policies").json()

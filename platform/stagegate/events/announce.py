@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from uuid import NAMESPACE_URL, uuid5
 
 from stagegate.errors import RetryableError
 from stagegate.events.sink import EventSink, OutEvent, model_resource
@@ -41,10 +42,12 @@ def announce_applied(
 ) -> bool:
     """Emit `stagegate.transition.applied` once the stage moved and the endpoint serves it.
 
-    The shadow and canary flows start on it. A lost emit only delays their report: the
-    version waits in its stage, and `stagegate evaluate MODEL VERSION` decides it by hand.
+    The shadow and canary flows start on it. Converge sends it and marks it sent; a lost emit
+    is sent again by the next converge. Two converges racing may both send it: the event id
+    is derived from the transition, and Prefect drops an id it saw in the last 5 minutes.
     """
     event = OutEvent(
+        id=str(uuid5(NAMESPACE_URL, f"stagegate:transition.applied:{transition_id}")),
         event="stagegate.transition.applied",
         resource=model_resource(
             model,

@@ -76,9 +76,11 @@ def wait_for_router(
         try:
             doc = httpx.get(f"{router_url}/policies", timeout=2, trust_env=False).json()
             have = next((p for p in doc.get("policies", []) if p.get("model") == model), None)
-            if have is None and not routed:
+            served = None if have is None else int(have.get("generation", 0))
+            # A newer generation than ours counts too: it replaced what we published.
+            if routed and served is not None and served >= generation:
                 return
-            if have is not None and int(have.get("generation", 0)) >= generation and routed:
+            if not routed and (served is None or served > generation):
                 return
         except (httpx.HTTPError, ValueError):
             pass
@@ -91,11 +93,10 @@ def wait_for_router(
 
 def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str) -> ConvergeResult:
     with transaction(engine, read_only=True) as session:
-        found = endpoints.find_endpoint(session, model)
-    if found is None:  # recorded before endpoints existed: derive it now
+        wanted = endpoints.find_endpoint(session, model)
+    if wanted is None:  # recorded before endpoints existed: derive it now
         with transaction(engine) as session:
-            found = endpoints.desire(session, model, actor=SERVICE.name)
-    wanted = found
+            wanted = endpoints.desire(session, model, actor=SERVICE.name)
     arms: dict[DeploymentRole, Arm] = {}
     urls: dict[str, tuple[int, str]] = {}
     for role, version in wanted.spec.arms.items():
