@@ -44,7 +44,7 @@ def announce_applied(
 
     The shadow and canary flows start on it. Converge sends it and marks it sent; a lost emit
     is sent again by the next converge. Two converges racing may both send it: the event id
-    is derived from the transition, and Prefect drops an id it saw in the last 5 minutes.
+    is derived from the transition, and Prefect's triggers skip an id seen in the last 30 min.
     """
     event = OutEvent(
         id=str(uuid5(NAMESPACE_URL, f"stagegate:transition.applied:{transition_id}")),
