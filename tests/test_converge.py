@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
 from stagegate.api.app import create_app
@@ -339,3 +340,21 @@ def test_converge_waits_until_the_router_serves_the_generation(
         assert not endpoints.get_endpoint(s, "fraud").converged
     # Once the router is back, the same converge finishes the job.
     assert converge(engine, sink, plane, "fraud").removed == [2]
+
+
+def test_the_endpoint_api_shows_desired_state_and_convergence(
+    engine: Engine, reg: FakeRegistry, sink: MemorySink, client: TestClient, factory: Factory
+) -> None:
+    viewer = factory.token("vic", "viewer")
+    assert client.get("/api/v1/models/fraud/endpoint", headers=viewer).status_code == 404
+    _approve_and_apply(engine, reg, _opened(engine, 1))
+    pending = client.get("/api/v1/models/fraud/endpoint", headers=viewer).json()
+    assert pending["spec"]["arms"] == {"shadow": 1}
+    assert pending["converged"] is False
+    assert pending["route"] is None
+    converge(engine, sink, DataPlane(FakeBackend(), router_url=None), "fraud")
+    done = client.get("/api/v1/models/fraud/endpoint", headers=viewer).json()
+    assert done["converged"] is True
+    assert done["converged_generation"] == done["generation"] == pending["generation"]
+    assert client.get("/api/v1/models/fraud/endpoint").status_code == 401
+    assert client.get("/api/v1/models/nope/endpoint", headers=viewer).status_code == 404

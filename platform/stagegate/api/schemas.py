@@ -8,7 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagegate.governance.models import TransitionStatus
+from stagegate.lifecycle.endpoint import EndpointSpec
 from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
+from stagegate.serving.policy import TrafficPolicy
 
 MAX_PAGE = 200
 
@@ -198,3 +200,18 @@ class EvaluationPublic(BaseModel):
     summary: dict[str, Any]
     window_start: datetime
     created_at: datetime
+
+
+class EndpointPublic(BaseModel):
+    """A model's endpoint: what the lifecycle wants served, and how far serving got."""
+
+    model: str
+    generation: int = Field(description="Counts every change routers must see.")
+    spec: EndpointSpec = Field(description="The desired state: role -> version, and the split.")
+    route: TrafficPolicy | None = Field(description="What routers serve (None: no route).")
+    route_generation: int
+    converged_generation: int = Field(
+        description="The last generation a router served and whose leftover servers were removed."
+    )
+    converged: bool
+    updated_at: datetime

@@ -11,9 +11,10 @@ from stagegate.api import present, schemas
 from stagegate.api.deps import Admin, SessionDep, Viewer
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
-from stagegate.governance import evaluations, lineage, policies, versions
+from stagegate.governance import endpoints, evaluations, lineage, policies, versions
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
+from stagegate.serving.policy import TrafficPolicy
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
@@ -47,6 +48,22 @@ def list_models(
             )
         )
     return schemas.ModelsPublic(data=data, count=total)
+
+
+@router.get("/{name}/endpoint")
+def get_endpoint(session: SessionDep, _: Viewer, name: ModelName) -> schemas.EndpointPublic:
+    """The model's desired serving state and its convergence (404 before its first move)."""
+    state = endpoints.get_endpoint(session, name)
+    return schemas.EndpointPublic(
+        model=state.model,
+        generation=state.generation,
+        spec=state.spec,
+        route=None if state.route is None else TrafficPolicy.model_validate(state.route),
+        route_generation=state.route_generation,
+        converged_generation=state.converged_generation,
+        converged=state.converged,
+        updated_at=state.updated_at,
+    )
 
 
 @router.get("/{name}/versions/{version}")
