@@ -140,6 +140,8 @@ def test_converge_serves_routes_removes_then_announces_and_is_idempotent(
     _move(engine, reg, 1, Stage.production)
     first = converge(engine, sink, plane, "fraud")
     assert first.served == {"champion": (1, "http://127.0.0.1:7001")}
+    # The server is told the digest v1 was approved with (intake recorded it).
+    assert backend.deploy_calls[-1].digest == reg.digests[("fraud", 1)]
     applied = [e for e in sink.events if e.event == "stagegate.transition.applied"]
     assert [e.payload["to_stage"] for e in applied] == ["shadow", "canary", "production"]
     with transaction(engine) as s:

@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stagegate.errors import PermanentError
+from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.serving.backends.local import LocalBackend
 from stagegate.serving.backends.protocol import ServedVersion
 from stagegate.supervise.procfs import proc_stat
@@ -68,3 +70,36 @@ def test_deploy_observe_restart_remove(
     assert backend.observe("local-backend", version) is None
     assert proc_stat(new_pid) is None or proc_stat(new_pid).state == "Z"  # type: ignore[union-attr]
     assert not backend.remove("local-backend", version)
+
+
+def test_a_server_loads_only_the_approved_artifact(
+    tmp_path: Path, mlflow_server: MlflowServer, mlflow_registry: MlflowRegistry
+) -> None:
+    """Served = approved: the digest recorded at intake is checked before anything is loaded,
+    so an artifact swapped in the store after its approval never runs."""
+    number, _ = register_sklearn_model(mlflow_server.url, "tamper")
+    approved = mlflow_registry.artifact_digest("tamper", number)
+    backend = LocalBackend(tmp_path / "serving", tracking_uri=mlflow_server.url)
+    served = ServedVersion(
+        "tamper", number, f"models:/tamper/{number}", role="champion", device="cpu", digest=approved
+    )
+    try:
+        state = backend.deploy(served)
+        assert state.url is not None
+        info = httpx.get(f"{state.url}/version", timeout=5, trust_env=False).json()
+        assert info["digest_checked"] == approved
+    finally:
+        backend.remove("tamper", number)
+
+    # Someone with write access to the artifact store edits the model after the approval.
+    from mlflow import MlflowClient
+
+    location = MlflowClient(mlflow_server.url).get_model_version_download_uri("tamper", str(number))
+    assert location.startswith("mlflow-artifacts:/")
+    stored = mlflow_server.root / "artifacts" / location.removeprefix("mlflow-artifacts:/")
+    (stored / "MLmodel").write_text((stored / "MLmodel").read_text() + "\n# tampered\n")
+    assert mlflow_registry.artifact_digest("tamper", number) != approved
+    with pytest.raises(PermanentError, match="is not the approved"):
+        backend.deploy(served, timeout_s=60)
+    after = backend.observe("tamper", number)
+    assert after is None or not after.healthy

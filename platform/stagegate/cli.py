@@ -155,6 +155,12 @@ def serve_model(
         str | None,
         typer.Option(envvar="MLFLOW_TRACKING_URI", help="MLflow tracking and registry server."),
     ] = None,
+    expect_digest: Annotated[
+        str | None,
+        typer.Option(
+            help="sha256 the artifact tree must have (the approved one); otherwise refuse to load."
+        ),
+    ] = None,
 ) -> None:
     """Serve an MLflow pyfunc model: mlflow's /invocations protocol, micro-batched, with metrics."""
     from stagegate.serving.model_server.server import serve
@@ -169,6 +175,7 @@ def serve_model(
             max_wait_ms=max_wait_ms,
             max_body_bytes=max_body_bytes,
             tracking_uri=tracking_uri,
+            expect_digest=expect_digest,
         )
     except StagegateError as exc:
         raise _fail(exc.detail) from None

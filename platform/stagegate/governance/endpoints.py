@@ -70,15 +70,16 @@ def _row(session: Session, model: str, *, lock: bool) -> Endpoint | None:
 def desire(session: Session, model: str, *, actor: str) -> EndpointState:
     """Derive the desired state from the stages and the traffic policy; store it with a new
     generation when it changed. Call it in the transaction that changed either."""
-    stages = {
-        v.version: v.stage
-        for v in session.exec(
-            select(ModelVersion).where(
-                ModelVersion.model_name == model, col(ModelVersion.stage).in_(LIVE)
-            )
+    live = session.exec(
+        select(ModelVersion).where(
+            ModelVersion.model_name == model, col(ModelVersion.stage).in_(LIVE)
         )
-    }
-    spec = desired_endpoint(stages, get_policy(session, model).traffic).model_dump(mode="json")
+    ).all()
+    spec = desired_endpoint(
+        {v.version: v.stage for v in live},
+        {v.version: v.digest for v in live if v.digest},
+        get_policy(session, model).traffic,
+    ).model_dump(mode="json")
     row = _row(session, model, lock=True)
     if row is None:
         row = Endpoint(model_name=model)

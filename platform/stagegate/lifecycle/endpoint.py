@@ -23,6 +23,10 @@ class EndpointSpec(BaseModel):
     arms: dict[DeploymentRole, int] = Field(
         default_factory=dict, description="Role -> version; a role without a version is absent."
     )
+    digests: dict[int, str] = Field(
+        default_factory=dict,
+        description="Version -> the artifact digest it was approved with; servers check it.",
+    )
     challenger_weight: float = Field(default=0.0, ge=0.0, le=1.0)
     shadow_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     assignment_field: str | None = None
@@ -36,11 +40,14 @@ class EndpointSpec(BaseModel):
         return set(self.arms.values())
 
 
-def desired_endpoint(stages: Mapping[int, Stage], traffic: TrafficSettings) -> EndpointSpec:
+def desired_endpoint(
+    stages: Mapping[int, Stage], digests: Mapping[int, str], traffic: TrafficSettings
+) -> EndpointSpec:
     """The endpoint that the versions' stages and the model's traffic policy call for."""
     arms = {DEPLOYMENT_ROLE[s]: v for v, s in sorted(stages.items()) if s in DEPLOYMENT_ROLE}
     return EndpointSpec(
         arms=arms,
+        digests={v: digests[v] for v in arms.values() if v in digests},
         challenger_weight=(traffic.challenger_weight if DeploymentRole.challenger in arms else 0.0),
         shadow_fraction=traffic.shadow_fraction if DeploymentRole.shadow in arms else 0.0,
         assignment_field=traffic.assignment_field,

@@ -17,7 +17,6 @@ process-wide `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_BACKOFF_FACTOR` / `_TIMEOUT` 
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import ERROR_CODE_TO_HTTP_STATUS, MlflowException
 
+from stagegate.artifacts import tree_digest
 from stagegate.errors import (
     ConflictError,
     InvalidInput,
@@ -55,7 +55,6 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 _SEARCH_PAGE_SIZE = 1000
 _WEBHOOK_PAGE_SIZE = 100
-_HASH_CHUNK = 1 << 20
 
 _NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
 _INVALID_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
@@ -141,22 +140,6 @@ def parse_depends_on(value: str, *, model: str | None = None) -> tuple[VersionRe
         seen.add(dep_name)
         refs.append(VersionRef(name=dep_name, version=int(dep_version)))
     return tuple(refs)
-
-
-def _tree_digest(root: Path) -> str:
-    """sha256 over (relative posix path, NUL, bytes, NUL) of every file, sorted by path."""
-    files = sorted(
-        (path.relative_to(root).as_posix(), path) for path in root.rglob("*") if path.is_file()
-    )
-    digest = hashlib.sha256()
-    for rel, path in files:
-        digest.update(rel.encode("utf-8"))
-        digest.update(b"\0")
-        with path.open("rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def _datasets(run: Any) -> tuple[DatasetRef, ...]:
@@ -261,7 +244,7 @@ class MlflowRegistry:
             root = Path(local)
             if not root.is_dir():
                 raise PermanentError(f"{model_uri} resolved to a single file, not a model dir")
-            return _tree_digest(root)
+            return tree_digest(root)
 
     def mirror_stage(self, name: str, version: int, stage: Stage) -> None:
         _check_name(name)

@@ -102,7 +102,12 @@ def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str
     for role, version in wanted.spec.arms.items():
         deployed = plane.backend.deploy(
             ServedVersion(
-                model, version, f"models:/{model}/{version}", role=role, device=plane.device
+                model,
+                version,
+                f"models:/{model}/{version}",
+                role=role,
+                digest=wanted.spec.digests.get(version),
+                device=plane.device,
             )
         )
         if deployed.url is None:

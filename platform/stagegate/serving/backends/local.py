@@ -64,6 +64,8 @@ class LocalBackend:
         ]
         if self.tracking_uri:
             argv += ["--tracking-uri", self.tracking_uri]
+        if served.digest:
+            argv += ["--expect-digest", served.digest]
         return ServiceSpec(
             name=served.key,
             argv=argv,

@@ -16,6 +16,7 @@ class ServedVersion:
     version: int
     model_uri: str  # e.g. models:/fraud/3 (built by Stagegate, never taken from a request)
     role: DeploymentRole
+    digest: str | None = None  # the approved artifact digest; the server refuses any other
     device: str = "auto"  # auto | cpu | cuda[:N]
     gpus: int = 0  # Kubernetes: nvidia.com/gpu request; local: informational
     node_selector: dict[str, str] = field(default_factory=dict)  # Kubernetes only

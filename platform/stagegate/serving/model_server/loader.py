@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO, StringIO
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -26,8 +27,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.pyfunc import scoring_server as _scoring_server
+from mlflow.store.artifact.models_artifact_repo import REGISTERED_MODEL_META_FILE_NAME
 from mlflow.types import DataType
 
+from stagegate.artifacts import tree_digest
 from stagegate.errors import PermanentError
 from stagegate.serving.model_server.device import parse_device, resolve_device
 from stagegate.serving.model_server.numpy_model import FAST_GROUP, ColumnType, NumpyScorer
@@ -51,8 +54,14 @@ scoring_server: Any = _scoring_server
 _COLUMN_TYPES: dict[DataType, ColumnType] = {DataType.double: "double", DataType.long: "long"}
 
 
-def load_model(model_uri: str, *, tracking_uri: str | None, device: str) -> LoadedModel:
-    """Resolve, download and load `model_uri`; pick the fastest scorer that answers as pyfunc."""
+def load_model(
+    model_uri: str, *, tracking_uri: str | None, device: str, expect_digest: str | None = None
+) -> LoadedModel:
+    """Resolve, download and load `model_uri`; pick the fastest scorer that answers as pyfunc.
+
+    With `expect_digest`, the downloaded tree must hash to it (`stagegate.artifacts`) before
+    anything in it is loaded: an artifact swapped after its approval is never unpickled.
+    """
     started = time.perf_counter()
     if tracking_uri:
         # `models:/` URIs resolve against mlflow's process-global registry URI.
@@ -60,6 +69,15 @@ def load_model(model_uri: str, *, tracking_uri: str | None, device: str) -> Load
         mlflow.set_registry_uri(tracking_uri)
     load_uri, name, version, alias = _resolve(model_uri)
     local_path = mlflow.artifacts.download_artifacts(artifact_uri=load_uri)
+    if expect_digest is not None:
+        # A `models:/` download adds a file the client writes from the registry's answer
+        # (name and version); it is not in the artifact store, so not in the approved digest.
+        found = tree_digest(Path(local_path), skip=frozenset({REGISTERED_MODEL_META_FILE_NAME}))
+        if found != expect_digest:
+            raise PermanentError(
+                f"{model_uri}: artifact digest {found} is not the approved {expect_digest}; "
+                "refusing to load it"
+            )
     meta: Any = Model.load(os.path.join(local_path, "MLmodel"))
     conf = meta.flavors.get("python_function")
     if conf is None:
@@ -102,6 +120,7 @@ def load_model(model_uri: str, *, tracking_uri: str | None, device: str) -> Load
         "fast_path": FAST_PATH if fast is not None else None,
         "fast_path_detail": why,
         "device": used_device,
+        "digest_checked": expect_digest,
         "mlflow_version": mlflow.__version__,
     }
     return LoadedModel(scorer=scorer, info=info)

@@ -269,6 +269,7 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     on_load_failed: Callable[[BaseException], None] | None = None,
+    expect_digest: str | None = None,
 ) -> ModelServer:
     """The app for `model_uri`; it starts loading when the ASGI lifespan starts."""
 
@@ -277,7 +278,9 @@ def create_app(
             load_model,  # mlflow costs seconds to import
         )
 
-        return load_model(model_uri, tracking_uri=tracking_uri, device=device)
+        return load_model(
+            model_uri, tracking_uri=tracking_uri, device=device, expect_digest=expect_digest
+        )
 
     return ModelServer(
         load,
@@ -298,6 +301,7 @@ def serve(
     max_wait_ms: float,
     max_body_bytes: int,
     tracking_uri: str | None,
+    expect_digest: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight requests and return.
 
@@ -327,6 +331,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         max_body_bytes=max_body_bytes,
         on_load_failed=load_failed,
+        expect_digest=expect_digest,
     )
     config = uvicorn.Config(
         app,
