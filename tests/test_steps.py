@@ -207,3 +207,36 @@ def test_reconcile_repairs_the_registry_mirror_and_skips_unsupported_names(
     reconcile(engine, reg, sink, _plane(), stale_after_s=3600)
     assert reg.aliases["fraud"] == {"shadow": 1}
     assert reg.stage_tags[("fraud", 1)] == "shadow"
+
+
+def test_apply_reruns_the_gates_an_expired_approval_sends_it_back(
+    engine: Engine, sink: MemorySink
+) -> None:
+    """Approved eight days ago, applied late (a lost event, a stopped worker): the approval
+    has expired since, so the stage does not move and the transition waits for a new one."""
+    reg, t1, _ = _two_candidates(engine, sink)
+    long_ago = utcnow() - timedelta(days=8)
+    with transaction(engine) as s:
+        approved = transitions.decide(
+            s, principal=ALICE, transition_id=t1, decision="approve", comment=None, now=long_ago
+        )
+    assert approved.status is TransitionStatus.approved
+    result = apply_transition(engine, reg, t1)
+    assert result.status is TransitionStatus.pending
+    assert result.reason is not None
+    assert result.reason.startswith("gates failed at apply: approvals:")
+    with transaction(engine) as s:
+        assert versions.get_version(s, "fraud", 1).stage is Stage.candidate
+        assert audit.verify(s).ok
+    # A fresh approval (from another approver) brings it back, and then it applies.
+    with transaction(engine) as s:
+        fresh = transitions.decide(
+            s,
+            principal=Principal("bob", Role.approver),
+            transition_id=t1,
+            decision="approve",
+            comment=None,
+            now=utcnow(),
+        )
+    assert fresh.status is TransitionStatus.approved
+    assert apply_transition(engine, reg, t1).status is TransitionStatus.applied

@@ -440,6 +440,23 @@ def apply(
             data={"reason": exc.detail},
         )
         return outcome
+    # The world may have moved since the approval (approvals expired, a new champion, a
+    # report superseded): the gates decide again, now, and a failing one sends it back.
+    results = gates.evaluate(_context(session, t, v, now))
+    failed = [r for r in results if not r.passed]
+    if failed:
+        t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
+        reason = "; ".join(f"{r.gate}: {r.reason}" for r in failed)
+        _set_status(
+            session,
+            t,
+            TransitionStatus.pending,
+            f"gates failed at apply: {reason}",
+            actor=actor,
+            action="deferred",
+            data={"reason": reason, "gates": t.gate_results},
+        )
+        return outcome
 
     displaced: list[str] = []
     if t.to_stage is Stage.production:
