@@ -11,7 +11,8 @@ from sqlalchemy.engine import Engine
 
 from stagegate.db import transaction
 from stagegate.events.sink import MemorySink
-from stagegate.governance import evaluations
+from stagegate.governance import evaluations, versions
+from stagegate.lifecycle.stages import Stage
 from stagegate.steps.apply import apply_transition
 from tests.factories import Factory
 from tests.fakes import FakeRegistry
@@ -75,10 +76,13 @@ def stage(client: TestClient, who: dict[str, str], version: int = 1) -> str:
 def report(
     engine: Engine, version: int, kind: str, *, passed: bool = True, model: str = "fraud"
 ) -> None:
-    """What the shadow/canary flow records once it has seen enough traffic."""
+    """What the shadow/canary flow records once it has seen enough traffic: bound to the
+    champion of the moment, as the flow does."""
     with transaction(engine) as s:
+        champion = versions.holder(s, model, Stage.production)
         evaluations.record(
             s,
+            champion_version=champion.version if champion else None,
             model=model,
             version=version,
             kind=kind,

@@ -13,6 +13,8 @@ from stagegate.events.sink import MemorySink
 from stagegate.governance import evaluations, transitions, versions
 from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
+from stagegate.lifecycle.gates import GateContext, ShadowReportGate, VersionFacts
+from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.serving.inference_log.records import InferenceRecord
 from stagegate.serving.inference_log.writer import LocalInferenceLog
@@ -91,10 +93,47 @@ def test_shadow_report_fails_on_disagreement_and_on_errors(
     assert not bad.passed
     assert "agreement 50.0%" in bad.reason
     _log(tmp_path / "b", n=300, shadow_status=500)
+    # The same window is the same evidence: a re-run returns the recorded report, adds none.
+    again = evaluate(engine, sink, str(tmp_path / "b"), "fraud", 2)
+    assert again.reason == bad.reason
+    with transaction(engine) as s:
+        assert len(evaluations.list_for(s, "fraud", 2)) == 1
+    _stage(engine, 2, Stage.shadow, ago_s=30)  # back in shadow: a new window
     failing = evaluate(engine, sink, str(tmp_path / "b"), "fraud", 2)
     assert failing.decided
     assert not failing.passed
     assert "error rate" in failing.reason
+
+
+def test_a_report_counts_only_for_its_artifact_and_champion(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    _log(tmp_path, n=300)
+    assert evaluate(engine, sink, str(tmp_path), "fraud", 2).passed
+    with transaction(engine) as s:
+        report = evaluations.facts(s, "fraud", 2)["shadow"]
+        assert (report.digest, report.champion_version) == (f"{2:064x}", 1)
+    gate = ShadowReportGate()
+
+    def verdict(*, digest: str, champion: int) -> str:
+        ctx = GateContext(
+            from_stage=Stage.shadow,
+            to_stage=Stage.canary,
+            requested_by="erin",
+            version=VersionFacts("fraud", 2, Stage.shadow, digest, "dana"),
+            champion=VersionFacts("fraud", champion, Stage.production, "c", "dana"),
+            approvals=[],
+            policy=default_policy(),
+            now=utcnow(),
+            reports={"shadow": report},
+        )
+        result = gate.check(ctx)
+        return "ok" if result.passed else result.reason
+
+    assert verdict(digest=f"{2:064x}", champion=1) == "ok"
+    assert "judged another artifact" in verdict(digest="f" * 64, champion=1)
+    assert "the champion is v3" in verdict(digest=f"{2:064x}", champion=3)
 
 
 def test_too_little_traffic_is_undecided_until_time_runs_out(
@@ -131,9 +170,12 @@ def test_canary_report_by_policy_threshold(
     _log(tmp_path / "ok", n=250, role="challenger")
     ok = evaluate(engine, sink, str(tmp_path / "ok"), "fraud", 2)
     assert ok.passed, ok.reason
+    # Each scenario is a new canary window (the same window is one report, recorded once).
+    _stage(engine, 2, Stage.canary, ago_s=50)
     _log(tmp_path / "noisy", n=250, role="challenger", arm_latency=3.0)
     noisy = evaluate(engine, sink, str(tmp_path / "noisy"), "fraud", 2)
     assert noisy.passed, "3x of 1 ms is only +2 ms: under the absolute floor"
+    _stage(engine, 2, Stage.canary, ago_s=40)
     _log(tmp_path / "slow", n=250, role="challenger", arm_latency=20.0)
     slow = evaluate(engine, sink, str(tmp_path / "slow"), "fraud", 2)
     assert slow.decided

@@ -1,4 +1,8 @@
-"""Shadow and canary reports: recorded with their audit row, read back by the gates."""
+"""Shadow and canary reports: recorded with their audit row, read back by the gates.
+
+Each is bound to the digest it judged and the champion it was compared with, and keyed by
+both and its window, so the same evidence is recorded once however often a flow re-runs.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,23 @@ from sqlmodel import Session, col, select
 from stagegate.governance import audit, versions
 from stagegate.governance.models import Evaluation
 from stagegate.lifecycle.gates import ReportFacts
+
+
+def evidence_key(
+    model: str,
+    version: int,
+    kind: str,
+    window_start: datetime,
+    digest: str | None,
+    champion_version: int | None,
+) -> str:
+    """What makes two reports the same evidence: one version, window, artifact and champion."""
+    champion = "none" if champion_version is None else str(champion_version)
+    return f"{kind}:{model}:{version}:{window_start.isoformat()}:{digest or '-'}:{champion}"
+
+
+def find(session: Session, key: str) -> Evaluation | None:
+    return session.exec(select(Evaluation).where(Evaluation.evidence_key == key)).first()
 
 
 def record(
@@ -24,8 +45,15 @@ def record(
     summary: dict[str, Any],
     window_start: datetime,
     actor: str,
+    champion_version: int | None = None,
+    window_end: datetime | None = None,
 ) -> Evaluation:
-    versions.get_version(session, model, version)
+    """Record a report for the version's current digest; the same evidence twice is one row."""
+    row_version = versions.get_version(session, model, version)
+    key = evidence_key(model, version, kind, window_start, row_version.digest, champion_version)
+    existing = find(session, key)
+    if existing is not None:
+        return existing
     row = Evaluation(
         model_name=model,
         version=version,
@@ -35,6 +63,10 @@ def record(
         sample_size=sample_size,
         summary=summary,
         window_start=window_start,
+        window_end=window_end,
+        evidence_key=key,
+        digest=row_version.digest,
+        champion_version=champion_version,
     )
     session.add(row)
     session.flush()
@@ -44,7 +76,14 @@ def record(
         action=f"evaluation.{kind}",
         entity_type="version",
         entity_id=f"{model}/{version}",
-        data={"passed": passed, "reason": reason, "sample_size": sample_size, "summary": summary},
+        data={
+            "passed": passed,
+            "reason": reason,
+            "sample_size": sample_size,
+            "summary": summary,
+            "digest": row_version.digest,
+            "champion_version": champion_version,
+        },
     )
     return row
 
@@ -61,7 +100,7 @@ def latest(session: Session, model: str, version: int) -> dict[str, Evaluation]:
 
 def facts(session: Session, model: str, version: int) -> dict[str, ReportFacts]:
     return {
-        kind: ReportFacts(kind, row.passed, row.reason)
+        kind: ReportFacts(kind, row.passed, row.reason, row.digest, row.champion_version)
         for kind, row in latest(session, model, version).items()
     }
 

@@ -230,11 +230,19 @@ class AuditHead(SQLModel, table=True):
 
 
 class Evaluation(SQLModel, table=True):
-    """Evidence about a live version: a shadow report or a canary report. The latest counts."""
+    """Evidence about a live version: a shadow report or a canary report.
+
+    Bound to the artifact digest and to the champion it was compared with: a gate counts it
+    only while both still hold. `evidence_key` makes recording the same evidence twice a
+    no-op (a re-run flow, two flows racing)."""
 
     __tablename__ = "evaluation"
 
     id: int | None = Field(default=None, primary_key=True)
+    evidence_key: str | None = Field(default=None, unique=True, max_length=400)
+    digest: str | None = Field(default=None, max_length=64)
+    champion_version: int | None = Field(default=None)
+    window_end: datetime | None = _ts(nullable=True)
     model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
     version: int
     kind: str = Field(max_length=20)  # shadow | canary

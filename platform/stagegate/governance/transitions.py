@@ -388,6 +388,66 @@ def _previous_champion(session: Session, model: str, current: int) -> ModelVersi
     return None
 
 
+def _held_back(
+    session: Session,
+    t: Transition,
+    v: ModelVersion,
+    current_digest: str | None,
+    actor: str,
+    now: datetime,
+) -> bool:
+    """Whatever stops an approved transition at apply time, recorded: True if it stopped."""
+    if v.stage != t.from_stage:
+        _fail(session, t, f"version moved to {v.stage} since approval", actor, now)
+        return True
+    if current_digest is not None and current_digest != v.digest:
+        audit.append(
+            session,
+            actor=actor,
+            action="version.digest_changed",
+            entity_type="version",
+            entity_id=f"{v.model_name}/{v.version}",
+            data={"old": v.digest, "new": current_digest},
+        )
+        v.digest = current_digest
+        session.add(v)
+        _fail(session, t, "the artifact changed after approval; approvals are void", actor, now)
+        return True
+    try:
+        _check_exclusive(session, v, t.to_stage)
+    except ConflictError as exc:
+        # Another transition took the slot after this one was approved: wait, don't fail.
+        # Approvals stay (they still expire); reconcile re-runs the gates when it frees up.
+        _set_status(
+            session,
+            t,
+            TransitionStatus.pending,
+            f"waiting: {exc.detail}",
+            actor=actor,
+            action="deferred",
+            data={"reason": exc.detail},
+        )
+        return True
+    # The world may have moved since the approval (approvals expired, a new champion, a
+    # report superseded): the gates decide again, now, and a failing one sends it back.
+    results = gates.evaluate(_context(session, t, v, now))
+    failed = [r for r in results if not r.passed]
+    if failed:
+        t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
+        reason = "; ".join(f"{r.gate}: {r.reason}" for r in failed)
+        _set_status(
+            session,
+            t,
+            TransitionStatus.pending,
+            f"gates failed at apply: {reason}",
+            actor=actor,
+            action="deferred",
+            data={"reason": reason, "gates": t.gate_results},
+        )
+        return True
+    return False
+
+
 def apply(
     session: Session,
     *,
@@ -409,53 +469,7 @@ def apply(
         raise ConflictError(f"transition {t.id} is {t.status}, not approved")
     v = versions.get_version(session, t.model_name, t.version)
     outcome = ApplyOutcome(t)
-    if v.stage != t.from_stage:
-        _fail(session, t, f"version moved to {v.stage} since approval", actor, now)
-        return outcome
-    if current_digest is not None and current_digest != v.digest:
-        audit.append(
-            session,
-            actor=actor,
-            action="version.digest_changed",
-            entity_type="version",
-            entity_id=f"{v.model_name}/{v.version}",
-            data={"old": v.digest, "new": current_digest},
-        )
-        v.digest = current_digest
-        session.add(v)
-        _fail(session, t, "the artifact changed after approval; approvals are void", actor, now)
-        return outcome
-    try:
-        _check_exclusive(session, v, t.to_stage)
-    except ConflictError as exc:
-        # Another transition took the slot after this one was approved: wait, don't fail.
-        # Approvals stay (they still expire); reconcile re-runs the gates when it frees up.
-        _set_status(
-            session,
-            t,
-            TransitionStatus.pending,
-            f"waiting: {exc.detail}",
-            actor=actor,
-            action="deferred",
-            data={"reason": exc.detail},
-        )
-        return outcome
-    # The world may have moved since the approval (approvals expired, a new champion, a
-    # report superseded): the gates decide again, now, and a failing one sends it back.
-    results = gates.evaluate(_context(session, t, v, now))
-    failed = [r for r in results if not r.passed]
-    if failed:
-        t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
-        reason = "; ".join(f"{r.gate}: {r.reason}" for r in failed)
-        _set_status(
-            session,
-            t,
-            TransitionStatus.pending,
-            f"gates failed at apply: {reason}",
-            actor=actor,
-            action="deferred",
-            data={"reason": reason, "gates": t.gate_results},
-        )
+    if _held_back(session, t, v, current_digest, actor, now):
         return outcome
 
     displaced: list[str] = []

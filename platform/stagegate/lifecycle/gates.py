@@ -45,6 +45,8 @@ class ReportFacts:
     kind: str  # shadow | canary
     passed: bool
     reason: str
+    digest: str | None = None  # the artifact it judged
+    champion_version: int | None = None  # the champion it was compared with
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,21 @@ class ShadowReportGate(Gate):
         report = ctx.reports.get(self.kind)
         if report is None:
             return self.hold(f"no {self.kind} report yet (the {self.kind} flow writes it)")
+        # Evidence counts only while it still describes this artifact against this champion.
+        if report.digest != ctx.version.digest:
+            return self.hold(f"the {self.kind} report judged another artifact: a new one is due")
+        champion = ctx.champion.version if ctx.champion else None
+        if report.champion_version != champion:
+            return self.hold(
+                f"the {self.kind} report compared with {_champion(report.champion_version)}; "
+                f"the champion is {_champion(champion)}: a new one is due"
+            )
         verdict = f"{self.kind} report: {report.reason}"
         return self.ok(verdict) if report.passed else self.hold(verdict)
+
+
+def _champion(version: int | None) -> str:
+    return "no champion" if version is None else f"v{version}"
 
 
 class CanaryReportGate(ShadowReportGate):

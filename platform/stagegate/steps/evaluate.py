@@ -126,7 +126,7 @@ def evaluate(
     if not decided:
         return result
     with transaction(engine) as session:
-        evaluations.record(
+        report = evaluations.record(
             session,
             model=model,
             version=version,
@@ -136,8 +136,12 @@ def evaluate(
             sample_size=int(result.summary.get("compared", 0)),
             summary=result.summary,
             window_start=since,
+            window_end=now,
+            champion_version=champion_version,
             actor=SERVICE.name,
         )
+        # Keyed: a re-run (or a racing flow) gets the report already recorded, unchanged.
+        result.passed, result.reason = report.passed, report.reason
     # Transitions waiting on this report re-run their gates now, not at the next reconcile.
     with transaction(engine, read_only=True) as session:
         waiting = transitions.pending_ids(session, model=model, version=version)
