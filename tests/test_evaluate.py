@@ -18,8 +18,11 @@ from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.serving.inference_log.records import InferenceRecord
 from stagegate.serving.inference_log.writer import LocalInferenceLog
+from stagegate.steps.converge import DataPlane
 from stagegate.steps.evaluate import evaluate
+from stagegate.steps.reconcile import reconcile
 from tests.factories import Factory
+from tests.fakes import FakeBackend, FakeRegistry
 
 
 def _stage(engine: Engine, version: int, stage: Stage, *, ago_s: float = 0) -> None:
@@ -213,3 +216,39 @@ def test_a_waiting_transition_is_approved_by_the_report(
     result = evaluate(engine, sink, str(tmp_path), "fraud", 2)
     assert result.approved == [t.id]
     assert sink.events[-1].event == "stagegate.transition.approved"
+
+
+def test_reconcile_decides_a_report_whose_flow_never_ran(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    """The `applied` event was lost or the flow died: reconcile's pass decides the report,
+    and the transition waiting on it is approved, exactly once however often it runs."""
+    _setup(factory, engine, Stage.shadow)
+    with transaction(engine) as s:
+        t, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=2,
+            to_stage=Stage.canary,
+            reason="x",
+            now=utcnow(),
+        )
+        transitions.decide(
+            s,
+            principal=Principal("alice", Role.approver),
+            transition_id=t.id,
+            decision="approve",
+            comment=None,
+            now=utcnow(),
+        )
+    _log(tmp_path, n=300)
+    plane = DataPlane(FakeBackend(), router_url=None, log_url=str(tmp_path))
+    report = reconcile(engine, FakeRegistry(), sink, plane, stale_after_s=3600)
+    assert report.evaluated == ["fraud/2: shadow passed"]
+    with transaction(engine) as s:
+        assert transitions.get_transition(s, t.id).status is TransitionStatus.approved
+    again = reconcile(engine, FakeRegistry(), sink, plane, stale_after_s=3600)
+    assert again.evaluated == ["fraud/2: shadow passed"]
+    with transaction(engine) as s:
+        assert len(evaluations.list_for(s, "fraud", 2)) == 1

@@ -26,6 +26,7 @@ class Runtime:
             LocalBackend(settings.serving_root, tracking_uri=settings.mlflow.tracking_uri),
             router_url=settings.serving.router_url,
             device=settings.serving.device,
+            log_url=settings.inference_log_url,
         )
 
     @cached_property

@@ -205,3 +205,13 @@ def live_or_moved_since(session: Session, since: datetime) -> list[tuple[str, in
         )
     ).all()
     return [(v.model_name, v.version, v.stage) for v in rows]
+
+
+def in_stages(session: Session, stages: Sequence[Stage]) -> list[tuple[str, int]]:
+    """(model, version) of every version in one of `stages`."""
+    rows = session.exec(
+        select(ModelVersion.model_name, ModelVersion.version).where(
+            col(ModelVersion.stage).in_(stages)
+        )
+    ).all()
+    return [(name, number) for name, number in rows]

@@ -35,12 +35,14 @@ ATTEMPTS = 3  # the desired state may move on while servers start; then start ov
 
 @dataclass(frozen=True)
 class DataPlane:
-    """Where converge acts: the serving backend, and the router whose reload it waits for."""
+    """Where converge acts: the serving backend, the router whose reload it waits for, and
+    the inference log that the shadow and canary reports read."""
 
     backend: ServingBackend
     router_url: str | None  # None: nothing to wait for (no router polls this database)
     device: str = "auto"
     reload_timeout_s: float = 15.0
+    log_url: str | None = None  # None: reconcile cannot decide reports
 
 
 @dataclass

@@ -87,8 +87,9 @@ def evaluate(
     *,
     now: datetime | None = None,
 ) -> EvaluateResult:
-    """Decide the report once there is enough traffic (or time is up). Safe to call repeatedly:
-    an undecided call records nothing."""
+    """Decide the report once there is enough traffic (or time is up). Keyed by the window,
+    artifact and champion: once decided, a call returns the recorded report without reading
+    the log; an undecided call records nothing."""
     now = now or utcnow()
     with transaction(engine, read_only=True) as session:
         row = versions.get_version(session, model, version)
@@ -96,10 +97,22 @@ def evaluate(
         policy = get_policy(session, model)
         champion = versions.holder(session, model, Stage.production)
         champion_version = champion.version if champion else None
-    kind = KIND.get(stage)
+        kind = KIND.get(stage)
+        recorded = (
+            None
+            if kind is None
+            else evaluations.find(
+                session,
+                evaluations.evidence_key(model, version, kind, since, row.digest, champion_version),
+            )
+        )
     result = EvaluateResult(model, version, kind)
     if kind is None:
         result.reason = f"v{version} is {stage}: nothing to evaluate"
+        return result
+    if recorded is not None:
+        result.decided, result.passed, result.reason = True, recorded.passed, recorded.reason
+        result.summary = recorded.summary
         return result
     out_of_time = (now - since).total_seconds() > (
         policy.shadow.max_wait_s if kind == "shadow" else policy.canary.max_wait_s

@@ -14,6 +14,7 @@ from stagegate.registry.protocol import ModelRegistry, valid_model_name
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.common import regate
 from stagegate.steps.converge import DataPlane, converge
+from stagegate.steps.evaluate import KIND, evaluate
 from stagegate.steps.intake import intake
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class ReconcileReport:
     applied: list[str] = field(default_factory=list)
     mirrored: int = 0
     endpoints: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -105,6 +107,23 @@ def _converge_all(
             report.errors.append(f"endpoint {name}: {exc.detail}")
 
 
+def _evaluate_stages(
+    engine: Engine, sink: EventSink, log_url: str, report: ReconcileReport
+) -> None:
+    """Decide the reports of versions in shadow or canary whose flow died, never started, or
+    whose evidence no longer applies (a new champion). Keyed: a decided report is a no-op."""
+    with transaction(engine, read_only=True) as session:
+        evaluating = versions.in_stages(session, list(KIND))
+    for name, number in evaluating:
+        try:
+            result = evaluate(engine, sink, log_url, name, number)
+        except StagegateError as exc:
+            report.errors.append(f"evaluate {name}/{number}: {exc.detail}")
+            continue
+        state = ("passed" if result.passed else "failed") if result.decided else "waiting"
+        report.evaluated.append(f"{name}/{number}: {result.kind} {state}")
+
+
 def reconcile(
     engine: Engine,
     registry: ModelRegistry,
@@ -120,6 +139,8 @@ def reconcile(
     _apply_stale(engine, registry, stale_after_s, plane.backend.name, report)
     _remirror(engine, registry, report)
     _converge_all(engine, sink, plane, report)
+    if plane.log_url is not None:
+        _evaluate_stages(engine, sink, plane.log_url, report)
     for line in report.errors:
         log.warning("reconcile: %s", line)
     return report
