@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -77,3 +80,21 @@ def client(settings: Settings, engine: Engine, sink: MemorySink) -> Iterator[Tes
 @pytest.fixture
 def factory(engine: Engine) -> Factory:
     return Factory(engine)
+
+
+@pytest.fixture
+def live_api_url(settings: Settings, engine: Engine) -> Iterator[str]:
+    """The API on a real socket (uvicorn in a thread), for clients that are real processes."""
+    from tests.fixtures.mlflow_server import free_port  # a plugin: registered, then imported
+
+    port = free_port()
+    app = create_app(settings, engine=engine, sink=MemorySink())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

@@ -10,18 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
-from stagegate.api.app import create_app
 from stagegate.db import transaction, utcnow
 from stagegate.errors import RetryableError
 from stagegate.events.announce import announce_applied
@@ -32,7 +29,6 @@ from stagegate.governance.policies import get_policy, set_policy
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
 from stagegate.serving.backends.protocol import ServedVersion
-from stagegate.settings import Settings
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.converge import DataPlane, converge
 from stagegate.steps.intake import intake
@@ -272,28 +268,13 @@ def test_a_traffic_policy_change_is_a_new_desired_state(
 
 
 @pytest.fixture
-def live_api(settings: Settings, engine: Engine) -> Iterator[str]:
-    port = free_port()
-    app = create_app(settings, engine=engine, sink=MemorySink())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-@pytest.fixture
-def router(live_api: str, factory: Factory, tmp_path: Path) -> Iterator[str]:
+def router(live_api_url: str, factory: Factory, tmp_path: Path) -> Iterator[str]:
     """The real router process, polling the API for its policies as routers in any pod do."""
     token = factory.token("router", "service")["Authorization"].removeprefix("Bearer ")
     port = free_port()
     env = {**os.environ, "STAGEGATE_ROUTER_TOKEN": token, "NO_PROXY": "127.0.0.1"}
     argv = [sys.executable, "-m", "stagegate.cli", "router", "--policy"]
-    argv += [f"{live_api}/api/v1/traffic", "--port", str(port)]
+    argv += [f"{live_api_url}/api/v1/traffic", "--port", str(port)]
     with (tmp_path / "router.log").open("wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 
-from stagegate.api.app import create_app
 from stagegate.db import transaction
-from stagegate.events.sink import MemorySink
 from stagegate.governance import endpoints
 from stagegate.serving.policy import Arm, TrafficPolicy
 from stagegate.serving.router.config import RejectedPolicy, UrlPolicySource
-from stagegate.settings import Settings
 from tests.factories import Factory
-from tests.fixtures.mlflow_server import free_port
 
 POLICY = TrafficPolicy(model="fraud", champion=Arm(version=3, url="http://127.0.0.1:7001"))
 
@@ -57,25 +49,12 @@ def test_traffic_endpoint_serves_the_published_routes_with_an_etag(
     assert client.get("/api/v1/traffic").status_code == 401
 
 
-@pytest.fixture
-def live_api(settings: Settings, engine: Engine) -> Iterator[str]:
-    port = free_port()
-    app = create_app(settings, engine=engine, sink=MemorySink())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/api/v1/traffic"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def test_url_source_fetches_then_gets_304(live_api: str, factory: Factory, engine: Engine) -> None:
+def test_url_source_fetches_then_gets_304(
+    live_api_url: str, factory: Factory, engine: Engine
+) -> None:
     publish(engine, factory, POLICY)
     token = factory.token("router", "service")["Authorization"].removeprefix("Bearer ")
-    source = UrlPolicySource(live_api, token=token)
+    source = UrlPolicySource(f"{live_api_url}/api/v1/traffic", token=token)
     first = asyncio.run(source.fetch(None))
     assert first is not None
     etag, config = first
@@ -86,4 +65,4 @@ def test_url_source_fetches_then_gets_304(live_api: str, factory: Factory, engin
     assert changed is not None
     assert changed[1].policies == []
     with pytest.raises(RejectedPolicy, match="401"):
-        asyncio.run(UrlPolicySource(live_api, token="sg_wrong").fetch(None))
+        asyncio.run(UrlPolicySource(f"{live_api_url}/api/v1/traffic", token="sg_wrong").fetch(None))

@@ -41,6 +41,14 @@ class ApiSettings(BaseModel):
     public_url: str | None = Field(
         default=None, description="URL MLflow uses to reach the API; default from host/port."
     )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Larger request bodies are refused (413) before anything reads them.",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, description="JSON bodies nested deeper are refused (422) unparsed."
+    )
 
     @property
     def url(self) -> str:

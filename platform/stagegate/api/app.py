@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from stagegate import __version__
 from stagegate.api import errors
 from stagegate.api.deps import AppState
+from stagegate.api.limits import RequestLimits
 from stagegate.api.routers import (
     audit,
     events,
@@ -50,6 +51,11 @@ def create_app(
     )
     app.state.stagegate = AppState(settings=settings, engine=engine, sink=sink)
     errors.install(app)
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.api.max_body_bytes,
+        max_json_depth=settings.api.max_json_depth,
+    )
     for router in ROUTERS:
         app.include_router(router)
     logging.getLogger("stagegate").setLevel(logging.INFO)

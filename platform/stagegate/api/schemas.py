@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stagegate.api.limits import MAX_INT
 from stagegate.governance.models import TransitionStatus
 from stagegate.lifecycle.endpoint import EndpointSpec
 from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
@@ -21,7 +22,7 @@ class Strict(BaseModel):
 
 class TransitionCreate(Strict):
     model: str = Field(min_length=1, max_length=128, description="Registered model name.")
-    version: int = Field(ge=1, description="Model version number.")
+    version: int = Field(ge=1, le=MAX_INT, description="Model version number.")
     to_stage: Stage
     reason: str = Field(min_length=1, max_length=2000, description="Why; kept in the audit log.")
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from stagegate.api import schemas
 from stagegate.api.deps import SessionDep, Viewer
+from stagegate.api.limits import MAX_INT
 from stagegate.governance import audit
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
@@ -18,7 +19,7 @@ def list_audit(
     session: SessionDep,
     _: Viewer,
     entity_id: Annotated[str | None, Query(max_length=200)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
 ) -> schemas.AuditPublic:
     rows = audit.entries(session, entity_id=entity_id, offset=offset, limit=limit)

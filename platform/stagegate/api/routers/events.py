@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, status
 
 from stagegate.api import schemas
 from stagegate.api.deps import SessionDep, StateDep
+from stagegate.api.limits import MAX_INT
 from stagegate.errors import InvalidInput
 from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
@@ -76,8 +77,10 @@ def mlflow_webhook(
     if raw_version is not None:
         try:
             version = int(raw_version)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as inf
             raise InvalidInput("`data.version` must be an integer") from None
+        if not 1 <= version <= MAX_INT:
+            raise InvalidInput(f"`data.version` must lie in 1..{MAX_INT}")
     event_name = f"mlflow.{entity}.{action}"
     accept_once(
         session,

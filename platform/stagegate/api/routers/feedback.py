@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, status
-from pydantic import BaseModel, Discriminator, Field, JsonValue, Tag
+from pydantic import BaseModel, Discriminator, Field, JsonValue, Tag, field_validator
 
 from stagegate.api.deps import StateDep, require
 from stagegate.api.schemas import Strict
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"])
 
 MAX_ITEMS = 1000
+MAX_LABEL_BYTES = 16 * 1024  # a label is an outcome, not a payload
 
 Labeler = Annotated[Principal, Depends(require(Role.service, Role.author, Role.admin))]
 
@@ -35,7 +37,17 @@ LogUrl = Annotated[str, Depends(inference_log_url)]
 class FeedbackItem(Strict):
     request_id: str = Field(min_length=1, max_length=128, description="As the router logged it.")
     model: str = Field(min_length=1, max_length=128, description="Registered model name.")
-    label: JsonValue = Field(description="The true outcome, any JSON; a later label supersedes.")
+    label: JsonValue = Field(
+        description=f"The true outcome, any JSON up to {MAX_LABEL_BYTES} bytes; a later label "
+        "supersedes."
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _small(cls, label: JsonValue) -> JsonValue:
+        if len(orjson.dumps(label)) > MAX_LABEL_BYTES:
+            raise ValueError(f"a label is at most {MAX_LABEL_BYTES} bytes of JSON")
+        return label
 
 
 class FeedbackBatch(Strict):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
 from stagegate.api import present, schemas
 from stagegate.api.deps import Admin, SessionDep, Viewer
+from stagegate.api.limits import MAX_INT, Instant
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
 from stagegate.governance import endpoints, evaluations, lineage, policies, versions
@@ -19,14 +19,14 @@ from stagegate.serving.policy import TrafficPolicy
 router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 ModelName = Annotated[str, Path(min_length=1, max_length=128)]
-VersionNo = Annotated[int, Path(ge=1)]
+VersionNo = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
 @router.get("")
 def list_models(
     session: SessionDep,
     _: Viewer,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
 ) -> schemas.ModelsPublic:
     rows, total = versions.list_models(session, offset=offset, limit=limit)
@@ -132,7 +132,7 @@ def production_at(
     session: SessionDep,
     _: Viewer,
     name: ModelName,
-    at: Annotated[datetime | None, Query(description="ISO-8601 instant; default now")] = None,
+    at: Annotated[Instant | None, Query(description="ISO-8601 instant; default now")] = None,
 ) -> schemas.ProductionPublic:
     """Which version served production at `at`, who approved it, and when."""
     if at is not None and at.tzinfo is None:

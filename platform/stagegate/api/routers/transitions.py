@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, status
 
 from stagegate.api import present, schemas
 from stagegate.api.deps import Decider, Requester, SessionDep, StateDep, Viewer
+from stagegate.api.limits import MAX_INT
 from stagegate.db import utcnow
 from stagegate.events.announce import announce_if_approved
 from stagegate.governance import transitions
@@ -42,7 +43,7 @@ def list_transitions(
     _: Viewer,
     model: Annotated[str | None, Query(max_length=128)] = None,
     status: TransitionStatus | None = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
 ) -> schemas.TransitionsPublic:
     rows = transitions.list_transitions(

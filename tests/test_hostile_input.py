@@ -1,0 +1,109 @@
+"""Hostile input gets a 4xx with a reason, before it costs anything: never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from stagegate.api.limits import json_depth_exceeds
+from stagegate.events.sink import MemorySink
+from stagegate.settings import Settings
+from tests.factories import Factory
+from tests.test_webhook import delivery
+
+
+def test_an_oversized_body_is_refused_before_authentication(client: TestClient) -> None:
+    """No token, a 2 MiB body: 413 from the limit, not 401 after reading it all."""
+    r = client.post("/api/v1/transitions", content=b"x" * (2 << 20))
+    assert r.status_code == 413
+    assert r.json()["code"] == "too_large"
+
+
+def test_a_lying_content_length_is_refused_from_the_header(client: TestClient) -> None:
+    r = client.post("/api/v1/feedback", content=b"{}", headers={"content-length": str(10**12)})
+    assert r.status_code == 413
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(client: TestClient) -> None:
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(64):
+            yield b"y" * 65536  # 4 MiB in all, no Content-Length
+
+    r = client.post("/api/v1/feedback", content=chunks())
+    assert r.status_code == 413
+
+
+def test_deep_json_is_refused_unparsed_even_when_signed(
+    client: TestClient, settings: Settings, sink: MemorySink
+) -> None:
+    deep = b'{"entity":"model_version","action":"created","data":' + b"[" * 100_000
+    raw, headers = delivery(settings, deep + b"]" * 100_000 + b"}")
+    r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
+    assert r.status_code in (413, 422)  # too deep, or too long: refused either way
+    raw, headers = delivery(settings, b"[" * 40 + b"]" * 40)
+    r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
+    assert r.status_code == 422
+    assert r.json()["code"] == "too_deep"
+    assert sink.events == []
+
+
+def test_depth_scan_ignores_brackets_in_strings() -> None:
+    assert not json_depth_exceeds(json.dumps({"a": "[" * 100}).encode(), 4)
+    assert json_depth_exceeds(b"[[[[[1]]]]]", 4)
+    assert not json_depth_exceeds(b"[[[[1]]]]", 4)
+    assert not json_depth_exceeds(json.dumps({"a": '\\"[[[[[['}).encode(), 3)
+
+
+@pytest.mark.parametrize("version", ["1e999", "9223372036854775808", "-1", "0"])
+def test_signed_webhook_with_an_absurd_version_is_422(
+    client: TestClient, settings: Settings, sink: MemorySink, version: str
+) -> None:
+    body = b'{"entity":"model_version","action":"created","data":{"name":"a","version":%s}}' % (
+        version.encode()
+    )
+    raw, headers = delivery(settings, body)
+    r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
+    assert r.status_code == 422, r.text
+    assert sink.events == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/models/fraud/versions/9223372036854775808",
+        "/api/v1/models/fraud/versions/2147483648/lineage",
+        "/api/v1/models?offset=100000000000000000000",
+        "/api/v1/transitions?offset=9223372036854775808",
+        "/api/v1/audit?offset=99999999999999999999",
+        "/api/v1/models/fraud/production?at=0001-01-01T00:00:00Z",
+        "/api/v1/models/fraud/production?at=9999-12-31T23:59:59Z",
+    ],
+)
+def test_numbers_and_instants_out_of_range_are_422(
+    client: TestClient, factory: Factory, path: str
+) -> None:
+    factory.version("fraud", 1)
+    r = client.get(path, headers=factory.token("vic", "viewer"))
+    assert r.status_code == 422, r.text
+
+
+def test_a_huge_version_in_a_body_is_422(client: TestClient, factory: Factory) -> None:
+    body = {"model": "fraud", "version": 2**63, "to_stage": "shadow", "reason": "x"}
+    r = client.post("/api/v1/transitions", json=body, headers=factory.token("erin", "author"))
+    assert r.status_code == 422
+
+
+def test_feedback_labels_are_capped(client: TestClient, factory: Factory) -> None:
+    item = {"request_id": "r1", "model": "fraud", "label": "z" * 20_000}
+    r = client.post("/api/v1/feedback", json=item, headers=factory.token("svc", "service"))
+    assert r.status_code == 422
+    assert "at most" in r.text
+
+
+def test_limits_hold_on_a_real_server_too(live_api_url: str) -> None:
+    """The same refusal over a real socket (uvicorn), where bodies arrive in chunks."""
+    r = httpx.post(f"{live_api_url}/api/v1/feedback", content=b"x" * (3 << 20), trust_env=False)
+    assert r.status_code == 413
