@@ -5,11 +5,19 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"  # noqa: S105 - refused outside dev mode
+MIN_SECRET_BYTES = 32
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _plain_http_off_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "http" and (parts.hostname or "") not in _LOOPBACK
 
 
 class DatabaseSettings(BaseModel):
@@ -114,9 +122,28 @@ class Settings(BaseSettings):
     serving: ServingSettings = Field(default_factory=ServingSettings)
 
     @model_validator(mode="after")
-    def _refuse_dev_secrets(self) -> Settings:
-        if self.mode == "prod" and self.webhook.secret == DEV_WEBHOOK_SECRET:
-            raise ValueError("STAGEGATE_WEBHOOK__SECRET must be set in prod mode")
+    def _refuse_dev_defaults_in_prod(self) -> Settings:
+        """Prod mode refuses what is only safe on one developer's machine, all at once."""
+        if self.mode != "prod":
+            return self
+        problems = []
+        if self.webhook.secret == DEV_WEBHOOK_SECRET:
+            problems.append("STAGEGATE_WEBHOOK__SECRET must be set")
+        elif len(self.webhook.secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(f"STAGEGATE_WEBHOOK__SECRET needs at least {MIN_SECRET_BYTES} bytes")
+        if self.database_url.startswith("sqlite"):
+            problems.append(
+                "STAGEGATE_DB__URL must name a server database (PostgreSQL), not SQLite"
+            )
+        for name, url in (
+            ("STAGEGATE_API__PUBLIC_URL", self.api.url),
+            ("STAGEGATE_MLFLOW__TRACKING_URI", self.mlflow.tracking_uri),
+            ("STAGEGATE_PREFECT__API_URL", self.prefect.api_url),
+        ):
+            if _plain_http_off_loopback(url):
+                problems.append(f"{name} uses plain http to a non-loopback host ({url})")
+        if problems:
+            raise ValueError("prod mode refuses: " + "; ".join(problems))
         return self
 
     @property
