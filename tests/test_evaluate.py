@@ -15,7 +15,8 @@ from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.gates import GateContext, ShadowReportGate, VersionFacts
 from stagegate.lifecycle.policy import default_policy
-from stagegate.lifecycle.stages import Role, Stage
+from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
+from stagegate.serving.inference_log.comparison import compare
 from stagegate.serving.inference_log.records import InferenceRecord
 from stagegate.serving.inference_log.writer import LocalInferenceLog
 from stagegate.steps.converge import DataPlane
@@ -252,3 +253,24 @@ def test_reconcile_decides_a_report_whose_flow_never_ran(
     assert again.evaluated == ["fraud/2: shadow passed"]
     with transaction(engine) as s:
         assert len(evaluations.list_for(s, "fraud", 2)) == 1
+
+
+def test_client_errors_are_not_model_errors(tmp_path: Path) -> None:
+    """A caller sending bad input (4xx) must not be able to fail a canary or a shadow."""
+    _log(tmp_path / "bad-input", n=50, shadow_status=400)
+    _log(tmp_path / "broken", n=50, shadow_status=503)
+    since = utcnow() - timedelta(minutes=1)
+
+    def arm_errors(root: Path) -> float:
+        c = compare(
+            str(root),
+            "fraud",
+            arm_version=2,
+            role=DeploymentRole.shadow,
+            champion_version=1,
+            since=since,
+        )
+        return c.arm.error_rate
+
+    assert arm_errors(tmp_path / "bad-input") == 0.0
+    assert arm_errors(tmp_path / "broken") == 1.0

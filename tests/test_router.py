@@ -508,7 +508,12 @@ def test_headers_request_ids_and_unknown_models(
     assert answer.headers["content-type"] == "application/json"
     assert answer.headers["x-stagegate-version"] == "1"
     assert answer.headers["x-stagegate-role"] == "champion"
-    assert answer.headers["x-request-id"] == "req-42.a:b"
+    # The client's id is kept as a prefix; the router's own part makes it unique.
+    client_id, _, own = answer.headers["x-request-id"].partition("~")
+    assert client_id == "req-42.a:b"
+    assert len(own) == 16
+    again = post_one(router.url, "fraud", headers={"x-request-id": "req-42.a:b"})
+    assert again.headers["x-request-id"] != answer.headers["x-request-id"]
     assert orjson.loads(answer.body) == {"predictions": [1], "version": 1}
 
     for insane in ("has space", "x" * 200, "semi;colon"):

@@ -291,9 +291,12 @@ async def _post(session: aiohttp.ClientSession, url: str, key: str) -> Reply:
         async with session.post(url, data=BODY, headers=headers) as resp:
             body = await resp.read()
             version = resp.headers.get("x-stagegate-version")
+            # The router logs under its own id, which keeps ours as a prefix.
+            logged_as = resp.headers.get("x-request-id", "")
+            assert logged_as.startswith(f"{rid}~"), logged_as
             reply = Reply(
                 key,
-                rid,
+                logged_as,
                 started,
                 time.monotonic(),
                 resp.status,
@@ -303,7 +306,6 @@ async def _post(session: aiohttp.ClientSession, url: str, key: str) -> Reply:
             )
             if resp.status == 200:
                 reply.predictions = len(orjson.loads(body)["predictions"])
-            assert resp.headers.get("x-request-id") == rid
             return reply
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Reply(key, rid, started, time.monotonic(), None, None, None, 0, repr(exc))
@@ -407,6 +409,10 @@ async def raw_post(port: int, key: str) -> Sent:
         int(headers["x-stagegate-version"]) if "x-stagegate-version" in headers else None
     )
     result.role = headers.get("x-stagegate-role")
+    # The router logs under its own id, which keeps ours as a prefix.
+    logged_as = headers.get("x-request-id", "")
+    assert logged_as.startswith(f"{result.rid}~"), logged_as
+    result.rid = logged_as
     return result
 
 

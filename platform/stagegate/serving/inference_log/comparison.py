@@ -49,7 +49,9 @@ def _stats(status: list[int], latency: list[float]) -> ArmStats:
     lat = np.asarray(latency, dtype=float)
     return ArmStats(
         len(status),
-        sum(1 for s in status if s != 200),
+        # Model errors only: 5xx and 599 (timeout, transport). A 4xx is the client's input,
+        # and counting it would let any caller skew a report with bad requests.
+        sum(1 for s in status if s >= 500),
         round(float(np.percentile(lat, 50)), 3),
         round(float(np.percentile(lat, 99)), 3),
     )

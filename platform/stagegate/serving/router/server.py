@@ -350,7 +350,11 @@ class Router:
 
 
 def _request_headers(scope: Scope) -> tuple[bytes, bytes | None, bytes]:
-    """The request id (the client's if sane, else a new one), the raw key and content type."""
+    """The request id, the raw key and content type.
+
+    The id is always the router's own: a sane client id is kept as its prefix, for the
+    client's correlation, but a client can never choose (or collide) the id under which
+    answers are logged, paired for the shadow report, and labelled."""
     raw_id = raw_key = None
     content_type = _JSON
     for name, value in scope["headers"]:
@@ -360,9 +364,10 @@ def _request_headers(scope: Scope) -> tuple[bytes, bytes | None, bytes]:
             raw_key = value
         elif name == b"content-type":
             content_type = value
+    own = uuid.uuid4().hex.encode()
     if raw_id is None or not _SANE_REQUEST_ID.fullmatch(raw_id):
-        raw_id = uuid.uuid4().hex.encode()
-    return raw_id, raw_key, content_type
+        return own, raw_key, content_type
+    return raw_id + b"~" + own[:16], raw_key, content_type
 
 
 async def _answer(send: Send, final: _Attempt, rid: bytes) -> None:
