@@ -6,9 +6,11 @@ The worker serves a test project (its own prefect.yaml and flow file, via
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -20,10 +22,15 @@ import httpx
 import pytest
 
 from stagegate import stack, supervise, warm_start
+from stagegate.db import make_engine
 from stagegate.errors import PermanentError
+from stagegate.migrate import upgrade
 from stagegate.settings import PrefectSettings, Settings
 from stagegate.stack.specs import venv_bin
+from tests.factories import Factory
 from tests.fixtures.mlflow_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 FLOW = '''
 """A flow that reports where it runs, or dies the way it is told to."""
@@ -67,6 +74,7 @@ deployments:
 
 @dataclass(frozen=True)
 class Served:
+    settings: Settings
     api: httpx.Client
     worker_pid: int
     out: Path
@@ -117,7 +125,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         with httpx.Client(base_url=settings.prefect.api_url, timeout=15, trust_env=False) as api:
             deployment = api.get("/deployments/name/probe/probe")
             assert deployment.status_code == 200, deployment.text
-            yield Served(api, worker_pid, root / "out.json", deployment.json()["id"])
+            yield Served(settings, api, worker_pid, root / "out.json", deployment.json()["id"])
     finally:
         supervise.down(settings.home)
 
@@ -125,9 +133,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def run(served: Served, mode: str) -> dict[str, Any]:
     """Create a run of the probe deployment and wait until it is final; return the run."""
     served.out.unlink(missing_ok=True)
+    return run_deployment(served, served.deployment_id, {"mode": mode, "out": str(served.out)})
+
+
+def run_deployment(
+    served: Served, deployment_id: str, parameters: dict[str, Any], timeout_s: float = 60
+) -> dict[str, Any]:
     r = served.api.post(
-        f"/deployments/{served.deployment_id}/create_flow_run",
-        json={"parameters": {"mode": mode, "out": str(served.out)}},
+        f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters}
     )
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
@@ -136,7 +149,7 @@ def run(served: Served, mode: str) -> dict[str, Any]:
         doc: dict[str, Any] = served.api.get(f"/flow_runs/{run_id}").json()
         return doc if doc["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED"} else None
 
-    return dict(wait_for(f"run {run_id} ({mode}) to end", final))
+    return dict(wait_for(f"run {run_id} {parameters} to end", final, timeout_s))
 
 
 def alive(pid: int) -> bool:
@@ -185,6 +198,81 @@ def test_a_killed_forkserver_is_started_again(served: Served) -> None:
     assert alive(served.worker_pid)
 
 
+@pytest.mark.e2e
+def test_prefect_deploy_all_on_a_process_pool_runs_a_flow(served: Served, tmp_path: Path) -> None:
+    """At scale: prefect.yaml as it is, `prefect deploy --all`, a process worker on `stagegate`."""
+    prefect = str(venv_bin() / "prefect")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": served.settings.prefect.api_url,
+        "PREFECT_HOME": str(tmp_path / "prefect-cli"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+
+    def cli(*args: str) -> None:
+        done = subprocess.run(
+            [prefect, *args],
+            check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    cli("work-pool", "create", "stagegate", "--type", "process")
+    cli("--no-prompt", "deploy", "--all")
+    for flow, name in [
+        ("intake", "intake"),
+        ("promote", "promote"),
+        ("evaluate-stage", "shadow"),
+        ("evaluate-stage", "canary"),
+        ("reconcile", "reconcile"),
+    ]:
+        doc = served.api.get(f"/deployments/name/{flow}/{name}").json()
+        assert doc["work_pool_name"] == "stagegate", doc
+
+    # The shadow flow against a governance database holding one candidate: nothing to
+    # evaluate, so it completes without MLflow or a router.
+    url = f"sqlite:///{tmp_path / 'governance.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    Factory(engine).version("scale", 1)
+    engine.dispose()
+    log = (tmp_path / "process-worker.log").open("wb")
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "stagegate", "--type", "process"],
+        cwd=tmp_path,
+        env={
+            **env,
+            "STAGEGATE_DB__URL": url,
+            "STAGEGATE_HOME": str(tmp_path / "home"),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        shadow = served.api.get("/deployments/name/evaluate-stage/shadow").json()["id"]
+        done = run_deployment(served, shadow, {"model": "scale", "version": 1}, timeout_s=90)
+        assert done["state"]["type"] == "COMPLETED", (
+            done["state"],
+            (tmp_path / "process-worker.log").read_text()[-3000:],
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=15)
+        log.close()
+
+
 def test_preload_names_the_flows_modules_and_what_they_import_lazily() -> None:
     assert warm_start.entrypoint_module("flows/intake.py:intake") == "flows.intake"
     assert warm_start.entrypoint_module("probe_flow.py:probe") == "probe_flow"
@@ -192,7 +280,7 @@ def test_preload_names_the_flows_modules_and_what_they_import_lazily() -> None:
     assert warm_start.entrypoint_module("../up/flow.py:f") is None
     assert warm_start.entrypoint_module("pkg.module:f") is None
     modules = warm_start.preload(["flows/intake.py:intake", "flows/evaluate.py:evaluate_stage"])
-    assert modules[:2] == list(warm_start.LAZY_IMPORTS)
+    assert modules[: len(warm_start.LAZY_IMPORTS)] == list(warm_start.LAZY_IMPORTS)
     assert {"flows.intake", "flows.evaluate", "stagegate.registry.mlflow"} <= set(modules)
 
 

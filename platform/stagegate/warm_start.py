@@ -44,8 +44,15 @@ log = logging.getLogger(__name__)
 MODE_ENV = "STAGEGATE_WORKER_START"
 FORKSERVER = "forkserver"
 SPAWN = "spawn"  # Prefect's own cold start: the benchmark's baseline
-# Imported on first use inside runs (`Runtime.registry`), but on the path of intake and promote.
-LAZY_IMPORTS = ("prefect.flow_engine", "stagegate.registry.mlflow")
+# Imported on first use inside every run (Prefect's engine for tasks, the asyncio backend,
+# the flow-call visualisation hook), or by intake and promote (`Runtime.registry`: mlflow).
+LAZY_IMPORTS = (
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.utilities.visualization",
+    "anyio._backends._asyncio",
+    "stagegate.registry.mlflow",
+)
 WARMUP_TIMEOUT_S = 120.0
 QUIET_THREADS = {"JE_ARROW_MALLOC_CONF": "background_thread:false"}
 
