@@ -279,13 +279,13 @@ def measure(bench: Bench, label: str, n: int, seed0: int) -> list[dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 warm and 2 baseline samples")
-    parser.add_argument("--runs", type=int, help="warm samples (default 4 quick, 12 full)")
-    parser.add_argument("--baseline-runs", type=int, help="spawn samples (default 2 / 5)")
+    parser.add_argument("--quick", action="store_true", help="3 warm samples and 1 baseline")
+    parser.add_argument("--runs", type=int, help="warm samples (default 3 quick, 12 full)")
+    parser.add_argument("--baseline-runs", type=int, help="spawn samples (default 1 quick, 5 full)")
     args = parser.parse_args()
-    runs = args.runs or (4 if args.quick else 12)
+    runs = args.runs or (3 if args.quick else 12)
     baseline_runs = (
-        args.baseline_runs if args.baseline_runs is not None else (2 if args.quick else 5)
+        args.baseline_runs if args.baseline_runs is not None else (1 if args.quick else 5)
     )
     for name in ("mlflow", "alembic", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
