@@ -188,7 +188,6 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         argv=worker_argv,
         env={
             **app_env,
-            "PREFECT_RUNNER_POLL_FREQUENCY": str(settings.prefect.runner_poll_s),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         },
         health_check=HealthCheck(ready_file=worker_ready_file(settings)),
