@@ -17,8 +17,9 @@ number of distinct values in both windows together:
 The p-value tests call the scipy functions Evidently calls. Wasserstein does not: scipy's
 `wasserstein_distance` sorts the concatenated sample and binary-searches it twice (0.6-0.7 s a
 column at 1M rows); here it is an exact merge of the two sorted samples, 5x faster, or
-mean |u - v| when the windows have the same size. scipy is imported only when a p-value or
-Jensen-Shannon is needed: `scipy.stats` alone costs about 3 s and 75 MB to import.
+mean |u - v| when the windows have the same size. Jensen-Shannon is scipy's formula in numpy,
+and scipy is imported only for the p-values: importing `scipy.stats` costs about 3 s and 75 MB,
+more than checking 1M rows.
 """
 
 from __future__ import annotations
@@ -142,12 +143,16 @@ def sturges_counts(reference: Floats, current: Floats) -> tuple[Counts, Counts]:
 
 
 def jensenshannon(reference: Counts, current: Counts) -> float:
-    """Jensen-Shannon distance (natural log) of two count vectors over the same keys."""
-    from scipy.spatial import distance  # type: ignore[import-untyped]
-
+    """Jensen-Shannon distance (natural log) of two count vectors over the same keys: what
+    `scipy.spatial.distance.jensenshannon` computes, without its 1.2 s import."""
     ref = reference / reference.sum()
     cur = current / current.sum()
-    return float(distance.jensenshannon(ref, cur))
+    mid = (ref + cur) / 2.0
+    total = 0.0
+    for part in (ref, cur):
+        seen = part > 0  # 0 * log 0 = 0; mid > 0 wherever part > 0
+        total += float(np.sum(part[seen] * np.log(part[seen] / mid[seen])))
+    return math.sqrt(max(total / 2.0, 0.0))
 
 
 def ks_pvalue(reference: Floats, current: Floats) -> float:
