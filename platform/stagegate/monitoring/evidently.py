@@ -71,10 +71,13 @@ def _datasets(reference: pa.Table, current: pa.Table, kinds: Mapping[str, Kind])
     from evidently import Dataset
 
     definition = _definition(kinds)
-    names = list(kinds)
+
+    def frame(table: pa.Table) -> Any:
+        return table.select([c for c in kinds if c in table.column_names]).to_pandas()
+
     return (
-        Dataset.from_pandas(reference.select(names).to_pandas(), data_definition=definition),
-        Dataset.from_pandas(current.select(names).to_pandas(), data_definition=definition),
+        Dataset.from_pandas(frame(reference), data_definition=definition),
+        Dataset.from_pandas(frame(current), data_definition=definition),
     )
 
 
