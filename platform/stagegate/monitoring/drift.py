@@ -83,18 +83,24 @@ def wasserstein_normed(reference: Floats, current: Floats) -> float:
         np.abs(diff, out=diff)
         return float(diff.mean()) / norm
     merged = np.concatenate((reference, current))
-    order = np.argsort(merged, kind="stable")  # two sorted runs: one linear merge
+    order = np.argsort(merged, kind="stable")  # two sorted runs: timsort merges them in O(n+m)
     values = merged[order]
     del merged
     in_reference = order < n
     del order
-    below_ref = np.cumsum(in_reference, dtype=np.int64)[:-1]  # reference values <= each point
+    # F - G just after each merged point k (k+1 points seen, cu of them from the reference):
+    # cu/n - (k+1-cu)/m. Built in place: at 1M rows each temporary is 16 MB.
+    gap = np.cumsum(in_reference[:-1], dtype=np.float64)
     del in_reference
-    # F - G at each merged point, k+1 points seen so far: cu/n - (k+1-cu)/m
-    cdf_gap = below_ref * (1.0 / n + 1.0 / m)
-    cdf_gap -= np.arange(1, n + m, dtype=np.float64) / m
-    np.abs(cdf_gap, out=cdf_gap)
-    return float(np.dot(np.diff(values), cdf_gap)) / norm
+    gap *= 1.0 / n + 1.0 / m
+    seen = np.arange(1, n + m, dtype=np.float64)
+    seen /= m
+    gap -= seen
+    del seen
+    np.abs(gap, out=gap)
+    steps = np.diff(values)
+    del values
+    return float(np.dot(steps, gap)) / norm
 
 
 def distinct_sorted(values: Floats) -> tuple[Floats, Counts]:
