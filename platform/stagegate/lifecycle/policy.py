@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
@@ -82,6 +84,104 @@ class CanaryCriteria(BaseModel):
     max_wait_s: float = Field(default=3600, gt=0, description="The canary flow gives up after.")
 
 
+NumericalTest = Literal["auto", "wasserstein", "ks", "jensenshannon"]
+CategoricalTest = Literal["auto", "jensenshannon", "chisquare", "z"]
+ColumnKind = Literal["numerical", "categorical"]
+
+
+class DriftCriteria(BaseModel):
+    """What the drift monitor checks and when it calls drift (see docs/monitoring.md).
+
+    The defaults are Evidently's `DataDriftPreset`: "auto" picks its test per column type and
+    size, a threshold of None takes that test's default, and the window drifts when at least
+    `drift_share` of the tested columns drift.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stages: frozenset[Stage] = Field(
+        default=frozenset({Stage.production}),
+        description="Stages whose versions are watched.",
+    )
+    window_s: float = Field(
+        default=86400, gt=0, description="Length of the current window of logged traffic."
+    )
+    columns: tuple[str, ...] | None = Field(
+        default=None,
+        description="Feature columns to check; None checks every column of the reference "
+        "except `exclude_columns`, the prediction and the label.",
+    )
+    exclude_columns: tuple[str, ...] = Field(
+        default=(), description="Columns never checked (ids, timestamps)."
+    )
+    column_kinds: dict[str, ColumnKind] = Field(
+        default_factory=dict,
+        description="Numerical or categorical per column, overriding the kind inferred from "
+        "the Arrow type (floats numerical; integers numerical above 10 distinct values in "
+        "the reference, else categorical; strings, booleans and dictionaries categorical).",
+    )
+    numerical_test: NumericalTest = Field(
+        default="auto",
+        description="Test for numerical columns. 'auto' is Evidently's choice: above 1000 "
+        "reference rows normalised Wasserstein (Jensen-Shannon with at most 5 distinct "
+        "values), else K-S (chi-square or z with at most 5 or 2 distinct values).",
+    )
+    numerical_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="Threshold for numerical columns; None takes the test's default "
+        "(0.1 for the distances, which drift at or above it; 0.05 for the p-values, "
+        "which drift below it).",
+    )
+    categorical_test: CategoricalTest = Field(
+        default="auto",
+        description="Test for categorical columns. 'auto' is Evidently's choice: "
+        "Jensen-Shannon above 1000 reference rows, else chi-square (z with two categories).",
+    )
+    categorical_threshold: float | None = Field(
+        default=None,
+        gt=0,
+        description="Threshold for categorical columns; None takes the test's default.",
+    )
+    min_rows: int = Field(
+        default=1000,
+        ge=2,
+        description="A column with fewer non-missing values than this in either window gets "
+        "'insufficient data' instead of a verdict. Evidently's distance thresholds assume "
+        "large samples: 300 rows drawn from the reference itself cross Wasserstein's 0.1 "
+        "about one time in eight.",
+    )
+    drift_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="The window drifts when at least this share of the tested columns drift.",
+    )
+    prediction_column: str | None = Field(
+        default=None, description="Column with the model's answer, checked for prediction drift."
+    )
+    label_column: str | None = Field(
+        default=None,
+        description="Column with the feedback label; with the prediction it gives accuracy "
+        "(categorical) or MAE (numerical) for both windows.",
+    )
+    report_sample_rows: int = Field(
+        default=50_000,
+        ge=1000,
+        description="Rows per window in the stored Evidently HTML report (a seeded sample).",
+    )
+
+    @model_validator(mode="after")
+    def _p_values_are_probabilities(self) -> DriftCriteria:
+        for test, threshold in (
+            (self.numerical_test, self.numerical_threshold),
+            (self.categorical_test, self.categorical_threshold),
+        ):
+            if test in ("ks", "chisquare", "z") and threshold is not None and threshold >= 1:
+                raise ValueError(f"a {test} threshold is a p-value and must be below 1")
+        return self
+
+
 class Policy(BaseModel):
     """Gate settings for one model (or the default for all)."""
 
@@ -100,6 +200,7 @@ class Policy(BaseModel):
     traffic: TrafficSettings = Field(default_factory=TrafficSettings)
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
+    drift: DriftCriteria = Field(default_factory=DriftCriteria)
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)

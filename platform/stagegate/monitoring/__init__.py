@@ -1,0 +1,1 @@
+"""Drift monitor: compares a window of logged traffic with the reference data, as Arrow tables."""
