@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -84,10 +85,13 @@ def test_a_server_loads_only_the_approved_artifact(
         "tamper", number, f"models:/tamper/{number}", role="champion", device="cpu", digest=approved
     )
     try:
-        state = backend.deploy(served)
+        unchecked = backend.deploy(replace(served, digest=None))  # started before digests
+        state = backend.deploy(served)  # not adopted: restarted with the check
+        assert state.detail != unchecked.detail
         assert state.url is not None
         info = httpx.get(f"{state.url}/version", timeout=5, trust_env=False).json()
         assert info["digest_checked"] == approved
+        assert backend.deploy(served).detail == state.detail  # a checked server is adopted
     finally:
         backend.remove("tamper", number)
 

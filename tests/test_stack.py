@@ -294,7 +294,7 @@ def test_default_specs_wire_secrets_ports_and_order(
     assert api_env["STAGEGATE_HOME"] == str(tmp_path)
     assert api_env["PREFECT_API_URL"] == settings.prefect.api_url
     # The worker polls as its settings say (Prefect's own setting takes whole seconds only).
-    assert specs["worker"].env["STAGEGATE_PREFECT__RUNNER_POLL_S"] == "0.25"
+    assert specs["worker"].env["STAGEGATE_PREFECT__RUNNER_POLL_S"] == "1.0"
     assert "PREFECT_RUNNER_POLL_FREQUENCY" not in specs["worker"].env
     assert specs["worker"].health_check.ready_file == worker_ready_file(settings)
     assert worker_ready_file(settings) == tmp_path / "run" / "worker.ready"

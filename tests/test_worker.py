@@ -139,9 +139,14 @@ def run(served: Served, mode: str) -> dict[str, Any]:
 def run_deployment(
     served: Served, deployment_id: str, parameters: dict[str, Any], timeout_s: float = 60
 ) -> dict[str, Any]:
-    r = served.api.post(
-        f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters}
-    )
+    def created() -> httpx.Response | None:
+        r = served.api.post(
+            f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters}
+        )
+        # Prefect on SQLite answers 503 while its database is locked: a client retries.
+        return None if r.status_code == 503 else r
+
+    r = wait_for("Prefect to create the run", created, 30)
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
 

@@ -47,7 +47,7 @@ def current() -> Runtime:
 
 
 def reconcile(rt: Runtime) -> ReconcileReport:
-    """One full reconcile pass, ending with `converge` for every model that needs it."""
+    """One full reconcile pass: catch up, converge every model that needs it, decide reports."""
     return reconcile_step(
         rt.engine,
         rt.registry,

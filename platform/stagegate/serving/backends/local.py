@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+import httpx
+
 from stagegate import supervise
 from stagegate.errors import InvalidInput
 from stagegate.serving.backends.protocol import DeploymentState, ServedVersion
@@ -80,7 +82,10 @@ class LocalBackend:
             raise InvalidInput(f"bad deployment key {served.key!r}")
         current = self.observe(served.model, served.version)
         if current is not None and current.healthy:
-            return current
+            if _checked_digest(current) == served.digest or served.digest is None:
+                return current
+            # Started without (or with another) digest check: only a checked server is adopted.
+            self.remove(served.model, served.version)
         statuses = supervise.up(
             self.root, [self._spec(served, free_port(self.host))], timeout_s=timeout_s
         )
@@ -110,3 +115,15 @@ def _state(status: ServiceStatus) -> DeploymentState:
         healthy=status.healthy,
         detail=f"pid {status.pid}" if status.pid else "not running",
     )
+
+
+def _checked_digest(state: DeploymentState) -> str | None:
+    """The digest the running server verified before loading (its `/version`), if any."""
+    if state.url is None:
+        return None
+    try:
+        info = httpx.get(f"{state.url}/version", timeout=5, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    checked = info.get("digest_checked") if isinstance(info, dict) else None
+    return checked if isinstance(checked, str) else None
