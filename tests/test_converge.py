@@ -108,6 +108,12 @@ def _approve_and_apply(engine: Engine, reg: FakeRegistry, tid: str) -> None:
     assert apply_transition(engine, reg, tid, backend="fake").status is TransitionStatus.applied
 
 
+def _walk_v1_to_production(engine: Engine, reg: FakeRegistry) -> None:
+    _approve_and_apply(engine, reg, _opened(engine, 1))  # v1 -> shadow (opened by intake)
+    _move(engine, reg, 1, Stage.canary)
+    _move(engine, reg, 1, Stage.production)
+
+
 def test_the_stage_move_writes_the_desired_state_in_its_own_transaction(
     engine: Engine, reg: FakeRegistry
 ) -> None:
@@ -131,9 +137,7 @@ def test_converge_serves_routes_removes_then_announces_and_is_idempotent(
 ) -> None:
     backend = FakeBackend()
     plane = DataPlane(backend, router_url=None)
-    _approve_and_apply(engine, reg, _opened(engine, 1))  # v1 -> shadow
-    _move(engine, reg, 1, Stage.canary)
-    _move(engine, reg, 1, Stage.production)
+    _walk_v1_to_production(engine, reg)
     first = converge(engine, sink, plane, "fraud")
     assert first.served == {"champion": (1, "http://127.0.0.1:7001")}
     # The server is told the digest v1 was approved with (intake recorded it).
@@ -211,9 +215,7 @@ def test_a_server_back_on_another_port_is_a_new_generation(
 ) -> None:
     backend = FakeBackend()
     plane = DataPlane(backend, router_url=None)
-    _approve_and_apply(engine, reg, _opened(engine, 1))
-    _move(engine, reg, 1, Stage.canary)
-    _move(engine, reg, 1, Stage.production)
+    _walk_v1_to_production(engine, reg)
     before = converge(engine, sink, plane, "fraud")
     backend.restart("fraud", 1)  # the local server crashed and came back elsewhere
     after = converge(engine, sink, plane, "fraud")
@@ -230,9 +232,7 @@ def test_converge_starts_over_when_the_desired_state_moves_meanwhile(
     """A stage move committed while servers start: the stale route is never published."""
     backend = FakeBackend()
     plane = DataPlane(backend, router_url=None)
-    _approve_and_apply(engine, reg, _opened(engine, 1))
-    _move(engine, reg, 1, Stage.canary)
-    _move(engine, reg, 1, Stage.production)
+    _walk_v1_to_production(engine, reg)
     shadow_tid = _opened(engine, 2)
     moved: list[int] = []
 
@@ -299,9 +299,7 @@ def test_converge_waits_until_the_router_serves_the_generation(
     """Database -> API -> router: no file in between; removal waits for the router."""
     backend = FakeBackend()
     plane = DataPlane(backend, router_url=router, reload_timeout_s=10)
-    _approve_and_apply(engine, reg, _opened(engine, 1))
-    _move(engine, reg, 1, Stage.canary)
-    _move(engine, reg, 1, Stage.production)
+    _walk_v1_to_production(engine, reg)
     first = converge(engine, sink, plane, "fraud")
     served = httpx.get(f"{router}/policies", trust_env=False).json()["policies"]
     assert [(p["model"], p["generation"], p["champion"]["version"]) for p in served] == [

@@ -187,10 +187,8 @@ def test_canary_report_by_policy_threshold(
     assert "median latency 20.00x the champion's (+19.0 ms)" in slow.reason
 
 
-def test_a_waiting_transition_is_approved_by_the_report(
-    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
-) -> None:
-    _setup(factory, engine, Stage.shadow)
+def _request_canary_approved_by_a_person(engine: Engine) -> str:
+    """shadow->canary requested and approved; it still waits for the shadow report."""
     with transaction(engine) as s:
         t, _ = transitions.request(
             s,
@@ -209,13 +207,21 @@ def test_a_waiting_transition_is_approved_by_the_report(
             comment=None,
             now=utcnow(),
         )
+        return t.id
+
+
+def test_a_waiting_transition_is_approved_by_the_report(
+    engine: Engine, factory: Factory, sink: MemorySink, tmp_path: Path
+) -> None:
+    _setup(factory, engine, Stage.shadow)
+    tid = _request_canary_approved_by_a_person(engine)
     with transaction(engine) as s:
         held = s.exec(select(Transition)).one()
         assert held.status is TransitionStatus.pending
         assert {g["gate"]: g["passed"] for g in held.gate_results}["shadow_report"] is False
     _log(tmp_path, n=300)
     result = evaluate(engine, sink, str(tmp_path), "fraud", 2)
-    assert result.approved == [t.id]
+    assert result.approved == [tid]
     assert sink.events[-1].event == "stagegate.transition.approved"
 
 
@@ -225,30 +231,13 @@ def test_reconcile_decides_a_report_whose_flow_never_ran(
     """The `applied` event was lost or the flow died: reconcile's pass decides the report,
     and the transition waiting on it is approved, exactly once however often it runs."""
     _setup(factory, engine, Stage.shadow)
-    with transaction(engine) as s:
-        t, _ = transitions.request(
-            s,
-            principal=Principal("erin", Role.author),
-            model="fraud",
-            version=2,
-            to_stage=Stage.canary,
-            reason="x",
-            now=utcnow(),
-        )
-        transitions.decide(
-            s,
-            principal=Principal("alice", Role.approver),
-            transition_id=t.id,
-            decision="approve",
-            comment=None,
-            now=utcnow(),
-        )
+    tid = _request_canary_approved_by_a_person(engine)
     _log(tmp_path, n=300)
     plane = DataPlane(FakeBackend(), router_url=None, log_url=str(tmp_path))
     report = reconcile(engine, FakeRegistry(), sink, plane, stale_after_s=3600)
     assert report.evaluated == ["fraud/2: shadow passed"]
     with transaction(engine) as s:
-        assert transitions.get_transition(s, t.id).status is TransitionStatus.approved
+        assert transitions.get_transition(s, tid).status is TransitionStatus.approved
     again = reconcile(engine, FakeRegistry(), sink, plane, stale_after_s=3600)
     assert again.evaluated == ["fraud/2: shadow passed"]
     with transaction(engine) as s:

@@ -34,16 +34,7 @@ def create_token(session: Session, *, name: str, role: Role, actor: str = "cli")
     """Create a token and return its secret; only its hash is kept."""
     _check_one_role(session, name, role)
     secret = PREFIX + secrets.token_urlsafe(32)
-    token = ApiToken(name=name, role=role, token_hash=hash_token(secret))
-    session.add(token)
-    audit.append(
-        session,
-        actor=actor,
-        action="token.created",
-        entity_type="token",
-        entity_id=name,
-        data={"role": role.value},
-    )
+    _add(session, name=name, role=role, secret=secret, actor=actor)
     return secret
 
 
@@ -58,6 +49,11 @@ def ensure_token(session: Session, *, name: str, role: Role, secret: str, actor:
             raise ConflictError(f"that secret is taken, or was revoked; make a new one for {name}")
         return False
     _check_one_role(session, name, role)
+    _add(session, name=name, role=role, secret=secret, actor=actor)
+    return True
+
+
+def _add(session: Session, *, name: str, role: Role, secret: str, actor: str) -> None:
     session.add(ApiToken(name=name, role=role, token_hash=hash_token(secret)))
     audit.append(
         session,
@@ -67,7 +63,6 @@ def ensure_token(session: Session, *, name: str, role: Role, secret: str, actor:
         entity_id=name,
         data={"role": role.value},
     )
-    return True
 
 
 def _check_one_role(session: Session, name: str, role: Role) -> None:
