@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -34,7 +35,13 @@ from starlette.testclient import TestClient
 from stagegate.errors import InvalidInput
 from stagegate.serving.model_server import device as model_device
 from stagegate.serving.model_server.numpy_model import NumpyScorer
-from stagegate.serving.model_server.scoring import LoadedModel, Parsed, ScoringError
+from stagegate.serving.model_server.scoring import (
+    MAX_COLUMNS,
+    MAX_ROWS,
+    LoadedModel,
+    Parsed,
+    ScoringError,
+)
 from stagegate.serving.model_server.server import ModelServer
 from tests.fixtures.mlflow_server import MlflowServer, free_port
 
@@ -363,6 +370,44 @@ def test_a_body_over_the_limit_is_413_without_reading_it(stack: Stack) -> None:
     )
     chunk = b"%x\r\n%s\r\n" % (100_000, b" " * 100_000)
     assert _raw_http(stack.a.url, head, [chunk] * 11).startswith(b"HTTP/1.1 413 ")
+
+
+def test_requests_too_wide_or_too_long_are_413_naming_the_limit(stack: Stack) -> None:
+    """Refused from lengths alone, before pandas parses anything (a 400k-column CSV once cost
+    24 s and 1 GB)."""
+    wide_csv = ",".join(f"c{i}" for i in range(MAX_COLUMNS + 1)) + "\n" + "1," * MAX_COLUMNS + "1"
+    status, doc = _post(stack.a.url, wide_csv, "text/csv")
+    assert (status, doc["message"]) == (
+        413,
+        f"The request has {MAX_COLUMNS + 1} columns; at most {MAX_COLUMNS}.",
+    )
+    long_csv = "f0\n" + "1\n" * (MAX_ROWS + 1)
+    status, doc = _post(stack.a.url, long_csv, "text/csv")
+    assert status == 413
+    assert f"at most {MAX_ROWS}" in doc["message"]
+    wide_json = {
+        "dataframe_split": {"columns": [f"c{i}" for i in range(MAX_COLUMNS + 1)], "data": []}
+    }
+    assert _post(stack.a.url, json.dumps(wide_json))[0] == 413
+    long_json = {"dataframe_records": [{"f0": 1}] * (MAX_ROWS + 1)}
+    assert _post(stack.a.url, json.dumps(long_json))[0] == 413
+    # Within the limits the same shapes are still parsed (and refused by the schema, 400).
+    assert _post(stack.a.url, "c0,c1\n1,2", "text/csv")[0] == 400
+
+
+def test_a_parquet_body_is_measured_from_its_footer() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stagegate.serving.model_server.loader import check_parquet_shape
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"f0": list(range(MAX_ROWS + 1))}), sink)
+    with pytest.raises(ScoringError, match=f"at most {MAX_ROWS}"):
+        check_parquet_shape(sink.getvalue())
+    small = io.BytesIO()
+    pq.write_table(pa.table({"f0": [1, 2]}), small)
+    check_parquet_shape(small.getvalue())  # within the limits: no error
 
 
 # -- batching, metrics, health ---------------------------------------------------------------

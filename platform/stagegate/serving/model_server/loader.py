@@ -37,13 +37,17 @@ from stagegate.serving.model_server.numpy_model import FAST_GROUP, ColumnType, N
 from stagegate.serving.model_server.scoring import (
     CONTENT_TYPE_CSV,
     CONTENT_TYPE_JSON,
+    MAX_COLUMNS,
+    MAX_ROWS,
     LoadedModel,
     Parsed,
     Scorer,
     ScoringError,
     bad_request,
+    check_csv_shape,
     decode_json,
     predict_failed,
+    too_big,
 )
 
 logger = logging.getLogger(__name__)
@@ -164,11 +168,13 @@ class PyfuncScorer:
             return self.parse_document(decode_json(body))
         with _client_errors():
             if media_type == CONTENT_TYPE_CSV:
+                check_csv_shape(body)
                 text = body.decode("utf-8")
                 frame = scoring_server.parse_csv_input(
                     csv_input=StringIO(text), schema=self._schema
                 )
             else:
+                check_parquet_shape(body)
                 frame = scoring_server.parse_parquet_input(parquet_input=BytesIO(body))
         return self._parsed(_Input(frame, None, unwrapped=False))
 
@@ -239,6 +245,17 @@ class PyfuncScorer:
         except Exception:
             logger.exception("could not encode the predictions as JSON")
             return predict_failed()
+
+
+def check_parquet_shape(body: bytes) -> None:
+    """Rows and columns from the Parquet footer, before any column is read."""
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    meta = pq.ParquetFile(BytesIO(body)).metadata
+    if meta.num_columns > MAX_COLUMNS:
+        raise too_big("columns", meta.num_columns, MAX_COLUMNS)
+    if meta.num_rows > MAX_ROWS:
+        raise too_big("rows", meta.num_rows, MAX_ROWS)
 
 
 @contextlib.contextmanager
