@@ -26,10 +26,16 @@ from stagegate.settings import (
     Settings,
 )
 from tests.fixtures.mlflow_server import free_port, register_sklearn_model
+from tests.waits import wait_for as _wait_for
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "e2e-fraud"
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 90) -> Any:
+    """A real stack on 2 cores: longer default waits than the unit-level tests."""
+    return _wait_for(what, probe, timeout_s, interval_s=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +53,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield settings
     finally:
         stack.down(settings)
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 90) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := probe():
-            return found
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_registered_version_reaches_production(live: Settings) -> None:

@@ -12,8 +12,7 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from stagegate.settings import PrefectSettings, Settings
 from stagegate.stack.specs import venv_bin
 from tests.factories import Factory
 from tests.fixtures.mlflow_server import free_port
+from tests.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,15 +79,6 @@ class Served:
     worker_pid: int
     out: Path
     deployment_id: str
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := probe():
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
