@@ -1,4 +1,5 @@
-"""Test data made through the real services, so every row carries its audit entry."""
+"""Test data made through the real services, so every row carries its audit entry (except
+`place`, which skips the gates on purpose)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.engine import Engine
 
-from stagegate.db import transaction
-from stagegate.governance import tokens, versions
+from stagegate.db import transaction, utcnow
+from stagegate.governance import tokens, transitions, versions
+from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.versions import DatasetInput, VersionRecord
-from stagegate.lifecycle.stages import Role
+from stagegate.lifecycle.stages import Role, Stage
 
 
 def auth(secret: str) -> dict[str, str]:
@@ -53,3 +55,21 @@ class Factory:
         )
         with transaction(self.engine) as s:
             versions.record_version(s, rec, actor="test")
+
+    def place(self, name: str, version: int, stage: Stage) -> None:
+        """Move a recorded version straight to `stage`, with the deployment windows a real
+        move writes, but no gates: for tests about what happens once a version is there."""
+        with transaction(self.engine) as s:
+            row = versions.get_version(s, name, version, lock=True)
+            t = Transition(
+                model_name=name,
+                version=version,
+                from_stage=row.stage,
+                to_stage=stage,
+                reason="placed by a test factory",
+                requested_by="factory",
+                status=TransitionStatus.applied,
+            )
+            s.add(t)
+            s.flush()
+            transitions._move(s, row, stage, t, utcnow(), "none", [])

@@ -21,9 +21,11 @@ app = typer.Typer(
 token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 db_app = typer.Typer(no_args_is_help=True, help="The governance database.")
+drift_app = typer.Typer(no_args_is_help=True, help="The drift monitor.")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
+app.add_typer(drift_app, name="drift")
 
 console = Console()
 err = Console(stderr=True)
@@ -228,6 +230,59 @@ def evaluate(
     except StagegateError as exc:
         raise _fail(exc.detail) from None
     typer.echo(json.dumps(asdict(result), indent=2, default=str))
+
+
+@drift_app.command("check")
+def drift_check(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[
+        int | None, typer.Option(help="Version to check (default: every watched live one).")
+    ] = None,
+    aligned: Annotated[
+        bool,
+        typer.Option(
+            "--aligned", help="Check the scheduled window (ending on the policy's interval)."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check for drift now, through the same step as the scheduled flow: the window ends now,
+    the evaluation is recorded, and drift sets off the policy's actions."""
+    from dataclasses import asdict
+
+    from stagegate import runtime
+    from stagegate.db import utcnow
+    from stagegate.monitoring.results import DRIFT
+    from stagegate.steps.drift import check_version, targets
+
+    rt = runtime.current()
+    monitor = runtime.monitor(rt)
+    chosen = [(model, version)] if version else [t for t in targets(rt.engine) if t[0] == model]
+    if not chosen:
+        raise _fail(f"{model} has no live version its drift policy watches; pass --version")
+    outcomes = []
+    for name, number in chosen:
+        try:
+            outcomes.append(
+                check_version(monitor, name, number, until=None if aligned else utcnow())
+            )
+        except StagegateError as exc:
+            raise _fail(exc.detail) from None
+    if as_json:
+        typer.echo(json.dumps([asdict(o) for o in outcomes], indent=2, default=str))
+        return
+    for o in outcomes:
+        colour = {"drift": "red", "ok": "green"}.get(o.verdict, "yellow")
+        console.print(f"{o.model} v{o.version}: [{colour}]{o.verdict}[/] - {o.reason}")
+        console.print(f"  window {o.window_start:%Y-%m-%d %H:%M:%S} .. {o.window_end:%H:%M:%S} UTC")
+        if o.drifted_features:
+            console.print(f"  drifted features: {', '.join(o.drifted_features)}")
+        if o.report_url:
+            console.print(f"  report: {o.report_url}")
+        for action, result in o.actions.items():
+            console.print(f"  {action}: {result}")
+    if any(o.verdict == DRIFT for o in outcomes):
+        raise typer.Exit(3)  # scripts can tell drift from a clean check
 
 
 @app.command()

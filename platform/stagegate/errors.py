@@ -51,3 +51,9 @@ class PermanentError(StagegateError):
     """An infrastructure failure that retrying will not fix (bad config, missing artifact)."""
 
     code = "permanent"
+
+
+class NoReference(StagegateError):
+    """No reference data (training frame) can be read for a version: a verdict, not a fault."""
+
+    code = "no_reference"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property, lru_cache
+from typing import Any
 
 from stagegate.db import Engine, make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
@@ -10,6 +11,7 @@ from stagegate.registry.protocol import ModelRegistry
 from stagegate.serving.backends.local import LocalBackend
 from stagegate.settings import Settings, get_settings
 from stagegate.steps.converge import DataPlane
+from stagegate.steps.drift import Monitor
 from stagegate.steps.reconcile import ReconcileReport
 from stagegate.steps.reconcile import reconcile as reconcile_step
 
@@ -34,6 +36,22 @@ class Runtime:
         from stagegate.registry.mlflow import MlflowRegistry
 
         return MlflowRegistry(self.settings.mlflow.tracking_uri)
+
+
+def monitor(rt: Runtime) -> Monitor:
+    """The drift monitor's view of this runtime."""
+
+    def load_reference(model: str, version: int) -> Any:
+        return rt.registry.load_reference(model, version)  # mlflow loads on first use
+
+    return Monitor(
+        engine=rt.engine,
+        sink=rt.sink,
+        log_url=rt.settings.inference_log_url,
+        load_reference=load_reference,
+        alerts=rt.settings.alerts,
+        api_url=rt.settings.api.url,
+    )
 
 
 def build(settings: Settings) -> Runtime:

@@ -105,6 +105,27 @@ class ServingSettings(BaseModel):
         return f"http://127.0.0.1:{self.router_port}"
 
 
+class AlertSettings(BaseModel):
+    """Drift alert webhooks: the URL is in each model's policy; how to call it is here."""
+
+    secret: str | None = Field(
+        default=None,
+        description="HMAC-SHA256 key of `X-Stagegate-Signature`; the embedded stack generates "
+        "one. Alerts are not sent unsigned.",
+    )
+    allow_private_hosts: bool = Field(
+        default=False,
+        description="Allow alert URLs on private and loopback addresses (link-local and "
+        "cloud metadata addresses stay refused).",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names allowed whatever they resolve to."
+    )
+    timeout_s: float = Field(default=5.0, gt=0, le=60, description="Per attempt.")
+    attempts: int = Field(default=4, ge=1, le=10, description="Tries, with doubling backoff.")
+    backoff_s: float = Field(default=0.5, ge=0, le=60, description="Wait before the 2nd try.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STAGEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -123,6 +144,7 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_prod(self) -> Settings:
@@ -134,6 +156,8 @@ class Settings(BaseSettings):
             problems.append("STAGEGATE_WEBHOOK__SECRET must be set")
         elif len(self.webhook.secret.encode()) < MIN_SECRET_BYTES:
             problems.append(f"STAGEGATE_WEBHOOK__SECRET needs at least {MIN_SECRET_BYTES} bytes")
+        if self.alerts.secret is not None and len(self.alerts.secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(f"STAGEGATE_ALERTS__SECRET needs at least {MIN_SECRET_BYTES} bytes")
         if self.database_url.startswith("sqlite"):
             problems.append(
                 "STAGEGATE_DB__URL must name a server database (PostgreSQL), not SQLite"

@@ -75,13 +75,16 @@ async def add_flows(runner: Any, project: Path, deployments: list[dict[str, Any]
             adapter.validate_python({"name": f"{d['name']}__automation_{i}", **t})
             for i, t in enumerate(d.get("triggers", []), start=1)
         ]
-        intervals = [s["interval"] for s in d.get("schedules", []) if "interval" in s]
+        schedules = d.get("schedules", [])
+        intervals = [s["interval"] for s in schedules if "interval" in s]
+        crons = [s["cron"] for s in schedules if "cron" in s]
         await runner.aadd_flow(
             flow,
             name=d["name"],
             description=d.get("description"),
             triggers=triggers or None,
             interval=intervals or None,
+            cron=crons or None,
         )
 
 

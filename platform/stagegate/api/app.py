@@ -17,6 +17,7 @@ from stagegate.api.routers import (
     feedback,
     health,
     models,
+    monitoring,
     traffic,
     transitions,
 )
@@ -33,6 +34,7 @@ ROUTERS = (
     events.router,
     feedback.router,
     traffic.router,
+    monitoring.router,
 )
 
 

@@ -81,6 +81,8 @@ class ModelVersion(SQLModel, table=True):
     creator: str | None = Field(default=None, max_length=200)
     digest: str | None = Field(default=None, max_length=64)
     code_commit: str | None = Field(default=None, max_length=64)
+    # Where the drift monitor reads the training frame from (None: nowhere), seen at intake.
+    reference_source: str | None = Field(default=None, max_length=2000)
     metrics: dict[str, float] = _json(dict)
     params: dict[str, str] = _json(dict)
     registered_at: datetime = _ts()
@@ -245,13 +247,42 @@ class Evaluation(SQLModel, table=True):
     window_end: datetime | None = _ts(nullable=True)
     model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
     version: int
-    kind: str = Field(max_length=20)  # shadow | canary
+    kind: str = Field(max_length=20)  # shadow | canary | drift
     passed: bool
     reason: str = Field(max_length=2000)
     sample_size: int
     summary: dict[str, Any] = _json(dict)
     window_start: datetime = _ts()
     created_at: datetime = _ts()
+
+
+class AlarmStatus(StrEnum):
+    open = "open"
+    acknowledged = "acknowledged"
+
+
+class DriftAlarm(SQLModel, table=True):
+    """A version's traffic drifted. One alarm per episode: while it is open, later drifting
+    windows are attached to it (`last_evaluation_id`) and set off no new action. Each action
+    records its own outcome here, so a re-run after a crash resumes where it stopped."""
+
+    __tablename__ = "drift_alarm"
+
+    id: str = Field(default_factory=_uuid, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
+    version: int
+    status: AlarmStatus = _enum(AlarmStatus, AlarmStatus.open, index=True)
+    evaluation_id: int = Field(foreign_key="evaluation.id")
+    last_evaluation_id: int = Field(foreign_key="evaluation.id")
+    drifted_features: list[str] = _json(list)
+    opened_at: datetime = _ts()
+    alert_status: str | None = Field(default=None, max_length=20)  # delivered | failed | refused
+    alert_attempts: int = 0
+    rollback_transition_id: str | None = Field(default=None, max_length=32)
+    event_emitted_at: datetime | None = _ts(nullable=True)
+    acknowledged_by: str | None = Field(default=None, max_length=100)
+    acknowledged_at: datetime | None = _ts(nullable=True)
+    comment: str | None = Field(default=None, max_length=2000)
 
 
 class Endpoint(SQLModel, table=True):

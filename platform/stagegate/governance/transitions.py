@@ -13,7 +13,7 @@ from typing import Literal
 from sqlmodel import Session, col, or_, select
 
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied, TransitionRejected
-from stagegate.governance import audit, endpoints, evaluations, versions
+from stagegate.governance import alarms, audit, endpoints, evaluations, versions
 from stagegate.governance.models import (
     OPEN_STATUSES,
     Approval,
@@ -112,6 +112,8 @@ def _context(
         now=now,
         occupant=versions.facts(session, occupant) if occupant else None,
         reports=evaluations.facts(session, t.model_name, t.version),
+        version_alarm=alarms.facts(session, t.model_name, t.version),
+        champion_alarm=alarms.facts(session, t.model_name, champion.version) if champion else None,
     )
 
 

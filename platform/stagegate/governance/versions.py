@@ -98,6 +98,7 @@ def facts(session: Session, row: ModelVersion) -> VersionFacts:
         run_id=row.run_id,
         metrics=dict(row.metrics),
         dataset_count=dataset_count(session, row.id),
+        reference_source=row.reference_source,
     )
 
 

@@ -27,6 +27,7 @@ class VersionFacts:
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     dataset_count: int = 0
+    reference_source: str | None = None  # where the drift monitor reads the training frame
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ class ReportFacts:
 
 
 @dataclass(frozen=True)
+class AlarmFacts:
+    """An open drift alarm (see `governance/alarms.py`)."""
+
+    id: str
+    version: int
+    drifted_features: tuple[str, ...]
+
+
+SERVICE_NAME = "stagegate"  # the platform's own identity; reserved, no person can hold it
+
+
+@dataclass(frozen=True)
 class GateContext:
     from_stage: Stage
     to_stage: Stage
@@ -62,6 +75,9 @@ class GateContext:
     # Another version holding the (exclusive, non-production) target stage, if any.
     occupant: VersionFacts | None = None
     reports: dict[str, ReportFacts] = field(default_factory=dict)
+    # Open drift alarms of the version itself and of the champion.
+    version_alarm: AlarmFacts | None = None
+    champion_alarm: AlarmFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,20 @@ def counting_approvers(ctx: GateContext) -> list[str]:
     )
 
 
+def drift_rollback_alone(ctx: GateContext) -> bool:
+    """The policy lets the service roll back a champion whose drift alarm is open, unapproved.
+
+    The alarm is a fact of the database, not of the request, and only the service identity's
+    own request qualifies, so no person can use this to skip an approval."""
+    return (
+        ctx.policy.drift.actions.rollback_applies_alone
+        and ctx.from_stage is Stage.production
+        and ctx.to_stage is Stage.rolled_back
+        and ctx.requested_by == SERVICE_NAME
+        and ctx.version_alarm is not None
+    )
+
+
 class ApprovalsGate(Gate):
     name = "approvals"
 
@@ -116,6 +146,11 @@ class ApprovalsGate(Gate):
         rule = ctx.policy.approval_rule(ctx.from_stage, ctx.to_stage)
         if rule is None:
             return self.hold(f"no policy rule covers {ctx.from_stage}->{ctx.to_stage}")
+        if drift_rollback_alone(ctx):
+            assert ctx.version_alarm is not None
+            return self.ok(
+                f"drift rollback applies alone by policy (alarm {ctx.version_alarm.id[:12]})"
+            )
         have = counting_approvers(ctx)
         roles = "/".join(sorted(rule.roles))
         if len(have) >= rule.required:
@@ -168,6 +203,8 @@ class LineageGate(Gate):
             missing.append("training dataset")
         if not ctx.version.digest:
             missing.append("artifact digest")
+        if ctx.policy.drift.require_reference and not ctx.version.reference_source:
+            missing.append("reference data for the drift monitor")
         if missing:
             return self.hold("lineage lacks " + ", ".join(missing))
         return self.ok("run, datasets and digest recorded")
@@ -232,6 +269,27 @@ class CanaryReportGate(ShadowReportGate):
         return ctx.policy.canary.required
 
 
+class DriftAlarmGate(Gate):
+    """By policy, an open drift alarm on the champion blocks other versions from production
+    until someone acknowledges it: the evidence they were judged against has moved."""
+
+    TO_STAGES = frozenset({Stage.production})
+    name = "drift_alarm"
+
+    def applies(self, ctx: GateContext) -> bool:
+        return super().applies(ctx) and ctx.policy.drift.actions.block_promotions
+
+    def check(self, ctx: GateContext) -> GateResult:
+        alarm = ctx.champion_alarm
+        if alarm is None or (ctx.champion and ctx.champion.version == ctx.version.version):
+            return self.ok("no open drift alarm on the champion")
+        features = ", ".join(alarm.drifted_features) or "the prediction"
+        return self.hold(
+            f"champion v{alarm.version} has an open drift alarm ({features}); "
+            f"acknowledge alarm {alarm.id[:12]} first"
+        )
+
+
 GATES: tuple[Gate, ...] = (
     ApprovalsGate(),
     OfflineMetricGate(),
@@ -239,6 +297,7 @@ GATES: tuple[Gate, ...] = (
     StageFreeGate(),
     ShadowReportGate(),
     CanaryReportGate(),
+    DriftAlarmGate(),
 )
 
 

@@ -89,6 +89,49 @@ CategoricalTest = Literal["auto", "jensenshannon", "chisquare", "z"]
 ColumnKind = Literal["numerical", "categorical"]
 
 
+class DriftActions(BaseModel):
+    """What a drifting window sets off. Each action happens once per alarm, however often the
+    window is checked; the alarm stays open until someone acknowledges it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alert_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="POST a signed JSON alert here (HMAC-SHA256 of the body in "
+        "`X-Stagegate-Signature`). Checked against the outbound allow-list before each call.",
+    )
+    rollback: bool = Field(
+        default=False,
+        description="Open a production->rolled_back transition for a drifting champion, "
+        "requested by the service identity.",
+    )
+    rollback_applies_alone: bool = Field(
+        default=False,
+        description="The drift rollback needs no approval: the service's request is enough, "
+        "and the audit log records it as the service's action.",
+    )
+    emit_event: bool = Field(
+        default=True,
+        description="Emit the Prefect event `stagegate.model.drift_detected` (a retraining "
+        "deployment can trigger on it).",
+    )
+    block_promotions: bool = Field(
+        default=False,
+        description="While the champion has an open drift alarm, no other version may move "
+        "to production until someone acknowledges the alarm.",
+    )
+
+    @field_validator("alert_url")
+    @classmethod
+    def _http_only(cls, url: str | None) -> str | None:
+        # The full check (resolved addresses, allow-list) runs before every call; this one
+        # refuses what can never be valid as early as the policy is written.
+        if url is not None and not url.lower().startswith(("https://", "http://")):
+            raise ValueError("alert_url must be an http(s) URL")
+        return url
+
+
 class DriftCriteria(BaseModel):
     """What the drift monitor checks and when it calls drift (see docs/monitoring.md).
 
@@ -104,7 +147,17 @@ class DriftCriteria(BaseModel):
         description="Stages whose versions are watched.",
     )
     window_s: float = Field(
-        default=86400, gt=0, description="Length of the current window of logged traffic."
+        default=86400,
+        gt=0,
+        le=90 * 86400,
+        description="Length of the current window of logged traffic.",
+    )
+    interval_s: float = Field(
+        default=3600,
+        ge=1,
+        le=86400,
+        description="How often the scheduled check looks. Windows end on multiples of this "
+        "(UTC), so checking the same interval twice checks the same window.",
     )
     columns: tuple[str, ...] | None = Field(
         default=None,
@@ -168,8 +221,17 @@ class DriftCriteria(BaseModel):
     report_sample_rows: int = Field(
         default=50_000,
         ge=1000,
+        le=1_000_000,
         description="Rows per window in the stored Evidently HTML report (a seeded sample).",
     )
+    html_report: bool = Field(
+        default=True, description="Store Evidently's HTML report with each decided check."
+    )
+    require_reference: bool = Field(
+        default=False,
+        description="Production needs a readable reference (training frame) for the monitor.",
+    )
+    actions: DriftActions = Field(default_factory=DriftActions)
 
     @model_validator(mode="after")
     def _p_values_are_probabilities(self) -> DriftCriteria:

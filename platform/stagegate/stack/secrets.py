@@ -24,6 +24,9 @@ class StackSecrets(BaseModel):
         default=None,
         description="The embedded router's API token (role service): it polls /api/v1/traffic.",
     )
+    alert_secret: str | None = Field(
+        default=None, description="HMAC secret that signs drift alerts (see docs/monitoring.md)."
+    )
 
 
 def secrets_file(settings: Settings) -> Path:
@@ -41,8 +44,13 @@ def load_secrets(settings: Settings) -> StackSecrets:
         raise PermanentError(f"cannot read stack secrets from {path}: {exc}") from exc
     if path.stat().st_mode & 0o077:
         path.chmod(0o600)
-    if loaded.router_token is None:  # a home made before the router polled the API
-        loaded = loaded.model_copy(update={"router_token": _router_token()})
+    missing: dict[str, str] = {}  # a home made before these existed gets them now
+    if loaded.router_token is None:
+        missing["router_token"] = _router_token()
+    if loaded.alert_secret is None:
+        missing["alert_secret"] = secrets.token_urlsafe(32)
+    if missing:
+        loaded = loaded.model_copy(update=missing)
         _write(path, loaded, replace=True)
     return loaded
 
@@ -56,6 +64,7 @@ def _create(path: Path) -> None:
         webhook_secret=secrets.token_urlsafe(32),
         mlflow_fernet_key=Fernet.generate_key().decode(),
         router_token=_router_token(),
+        alert_secret=secrets.token_urlsafe(32),
     )
     _write(path, fresh, replace=False)
 
@@ -76,6 +85,10 @@ def _write(path: Path, content: StackSecrets, *, replace: bool) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def effective_alert_secret(settings: Settings, secrets: StackSecrets) -> str | None:
+    return settings.alerts.secret or secrets.alert_secret
 
 
 def effective_webhook_secret(settings: Settings, secrets: StackSecrets) -> str:

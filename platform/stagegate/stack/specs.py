@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from stagegate.errors import PermanentError
 from stagegate.settings import Settings
-from stagegate.stack.secrets import StackSecrets, effective_webhook_secret
+from stagegate.stack.secrets import StackSecrets, effective_alert_secret, effective_webhook_secret
 from stagegate.supervise.spec import HealthCheck, ServiceSpec
 
 SERVICE_NAMES = ("mlflow", "prefect", "api", "worker", "router")
@@ -151,6 +151,7 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
             "STAGEGATE_HOME": str(home),
             "STAGEGATE_DB__URL": settings.database_url,
             "STAGEGATE_WEBHOOK__SECRET": webhook_secret,
+            "STAGEGATE_ALERTS__SECRET": effective_alert_secret(settings, secrets) or "",
             "STAGEGATE_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
             "MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
             # MLflow's client retries 7 times with backoff by default: minutes before a

@@ -1,0 +1,43 @@
+"""Evidently's HTML reports, stored beside the inference log under `_reports/`.
+
+The leading underscore keeps them out of every discovery of the log (pyarrow's and our
+globs). A report is found only through the evaluation that names its path and digest, so
+what the API serves is what the check wrote: a path is never taken from a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+from stagegate.errors import NotFoundError
+from stagegate.serving.inference_log.format import open_root, segment
+
+REPORTS_DIR = "_reports"
+
+
+def save(log_url: str, model: str, name: str, html: str) -> tuple[str, str]:
+    """Write the report; returns (path relative to the log root, sha256 of its bytes)."""
+    data = html.encode()
+    relative = f"{REPORTS_DIR}/{segment('model', model)}/{name}.html"
+    fs, root = open_root(log_url)
+    fs.makedirs(posixpath.dirname(f"{root}/{relative}"), exist_ok=True)
+    with fs.open(f"{root}/{relative}", "wb") as f:  # small; written whole, then read whole
+        f.write(data)
+    return relative, hashlib.sha256(data).hexdigest()
+
+
+def load(log_url: str, relative: str, sha256: str) -> bytes:
+    """The stored bytes, if they are still the ones the check wrote."""
+    normal = posixpath.normpath(relative)
+    if not normal.startswith(f"{REPORTS_DIR}/") or normal != relative:
+        raise NotFoundError("no such report")
+    fs, root = open_root(log_url)
+    try:
+        with fs.open(f"{root}/{relative}", "rb") as f:
+            data: bytes = f.read()
+    except FileNotFoundError as exc:
+        raise NotFoundError("the report file is gone from the inference log") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise NotFoundError("the report file was changed after the check wrote it")
+    return data
