@@ -69,6 +69,14 @@ name: worker-test
 deployments:
   - name: probe
     entrypoint: probe_flow.py:probe
+  - name: yearly
+    entrypoint: probe_flow.py:probe
+    schedules:
+      - cron: "0 0 1 1 *"
+  - name: hourly
+    entrypoint: probe_flow.py:probe
+    schedules:
+      - interval: 3600
 """
 
 
@@ -267,6 +275,18 @@ def test_prefect_deploy_all_on_a_process_pool_runs_a_flow(served: Served, tmp_pa
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=15)
         log.close()
+
+
+def test_the_worker_serves_cron_and_interval_schedules(served: Served) -> None:
+    """prefect.yaml's `cron` (the drift check's) and `interval` (reconcile's) schedules."""
+    found = {}
+    for name in ("yearly", "hourly"):
+        r = served.api.get(f"/deployments/name/probe/{name}")
+        assert r.status_code == 200, r.text
+        [schedule] = r.json()["schedules"]
+        found[name] = schedule["schedule"]
+    assert found["yearly"]["cron"] == "0 0 1 1 *"
+    assert found["hourly"]["interval"] == 3600
 
 
 def test_preload_names_the_flows_modules_and_what_they_import_lazily() -> None:
