@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -53,8 +54,9 @@ def test_drift_history_report_and_acknowledgement(
     assert "Drift for column amount" in page.text
 
     # A report file changed after the check is not served as the check's.
-    stored = next(Path(settings.inference_log_url, "_reports").rglob("*.html"))
-    stored.write_text("<script>alert(1)</script>")
+    stored = next(Path(settings.inference_log_url, "_reports").rglob("*.html.gz"))
+    assert stored.stat().st_size < len(page.content) / 2
+    stored.write_bytes(gzip.compress(b"<script>alert(1)</script>"))
     tampered = client.get(checked["report_url"], headers=viewer)
     assert tampered.status_code == 404
     assert "changed after the check" in tampered.json()["detail"]

@@ -7,6 +7,7 @@ what the API serves is what the check wrote: a path is never taken from a reques
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import posixpath
 
@@ -17,9 +18,10 @@ REPORTS_DIR = "_reports"
 
 
 def save(log_url: str, model: str, name: str, html: str) -> tuple[str, str]:
-    """Write the report; returns (path relative to the log root, sha256 of its bytes)."""
-    data = html.encode()
-    relative = f"{REPORTS_DIR}/{segment('model', model)}/{name}.html"
+    """Write the report gzipped (Evidently's pages are about 4 MB of mostly inline script, about
+    a third of that compressed); returns (path relative to the log root, sha256 of the file)."""
+    data = gzip.compress(html.encode(), compresslevel=6, mtime=0)
+    relative = f"{REPORTS_DIR}/{segment('model', model)}/{name}.html.gz"
     fs, root = open_root(log_url)
     fs.makedirs(posixpath.dirname(f"{root}/{relative}"), exist_ok=True)
     with fs.open(f"{root}/{relative}", "wb") as f:  # small; written whole, then read whole
@@ -28,7 +30,7 @@ def save(log_url: str, model: str, name: str, html: str) -> tuple[str, str]:
 
 
 def load(log_url: str, relative: str, sha256: str) -> bytes:
-    """The stored bytes, if they are still the ones the check wrote."""
+    """The report's HTML, if the file is still the one the check wrote."""
     normal = posixpath.normpath(relative)
     if not normal.startswith(f"{REPORTS_DIR}/") or normal != relative:
         raise NotFoundError("no such report")
@@ -40,4 +42,4 @@ def load(log_url: str, relative: str, sha256: str) -> bytes:
         raise NotFoundError("the report file is gone from the inference log") from exc
     if hashlib.sha256(data).hexdigest() != sha256:
         raise NotFoundError("the report file was changed after the check wrote it")
-    return data
+    return gzip.decompress(data)
