@@ -23,6 +23,9 @@ from stagegate.governance import tokens
 from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Role, Stage
 from stagegate.settings import Settings
 
+FEATURES = [f"f{i}" for i in range(20)]
+COLUMNS = [*FEATURES, "channel"]
+
 PEOPLE: dict[str, Role] = {
     "dana": Role.author,
     "alice": Role.approver,
@@ -37,6 +40,58 @@ class DemoFailed(Exception):
 
 
 @dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class AlertReceiver:
+    """The on-call end of a drift alert: a local HTTP server that keeps the first delivery
+    whose signature verifies, and answers 401 to any other."""
+
+    def __init__(self, secret: str) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from stagegate.events.alert import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+
+        self.got = threading.Event()
+        self.delivery: Delivery | None = None
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ok = verify(
+                    secret,
+                    self.headers.get(TIMESTAMP_HEADER, ""),
+                    body,
+                    self.headers.get(SIGNATURE_HEADER, ""),
+                )
+                if ok and outer.delivery is None:
+                    outer.delivery = Delivery(dict(self.headers), json.loads(body))
+                    outer.got.set()
+                self.send_response(204 if ok else 401)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/on-call/drift"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, timeout_s: float) -> Delivery | None:
+        self.got.wait(timeout_s)
+        return self.delivery
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
 class Demo:
     settings: Settings
     console: Console
@@ -45,6 +100,8 @@ class Demo:
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     errors: int = 0  # client errors seen while sending traffic
+    samples: Any = None  # held-out rows the traffic is drawn from
+    phases: int = 0  # traffic phases so far: each draws other rows
 
     def __post_init__(self) -> None:
         self.api = httpx.Client(base_url=self.settings.api.url, timeout=15.0)
@@ -99,20 +156,42 @@ class Demo:
             "vic (viewer), ops (admin)"
         )
 
-    def register(self, c: float) -> tuple[int, float]:
-        """Train a logistic regression (stronger with higher C) and register it."""
-        import mlflow
-        import mlflow.data
-        import mlflow.sklearn
+    def data(self) -> tuple[Any, Any, Any, Any]:
+        """Generated training data: 20 numeric features and a sales channel."""
+        import numpy as np
         import pandas as pd
         from sklearn.datasets import make_classification
-        from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import train_test_split
 
         x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, random_state=7)
-        frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
-        x_tr, x_te, y_tr, y_te = train_test_split(frame, y, test_size=0.3, random_state=7)
-        model = LogisticRegression(C=c, max_iter=500).fit(x_tr, y_tr)
+        frame = pd.DataFrame(x, columns=FEATURES)
+        # The channel leans on the label a little, so the model has a reason to use it.
+        rng = np.random.default_rng(7)
+        frame["channel"] = np.where(
+            rng.random(len(y)) < 0.3 + 0.2 * y, "web", rng.choice(["store", "phone"], len(y))
+        )
+        return tuple(train_test_split(frame, y, test_size=0.3, random_state=7))  # type: ignore[return-value]
+
+    def register(self, c: float) -> tuple[int, float]:
+        """Train a logistic regression (stronger with higher C) and register it, logging its
+        training frame (with the model's predictions) where the drift monitor reads it."""
+        import mlflow
+        import mlflow.data
+        import mlflow.sklearn
+        from sklearn.compose import ColumnTransformer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import OneHotEncoder
+
+        from stagegate.registry.mlflow import log_reference
+
+        x_tr, x_te, y_tr, y_te = self.data()
+        self.samples = x_te
+        encode = ColumnTransformer(
+            [("channel", OneHotEncoder(handle_unknown="ignore"), ["channel"])],
+            remainder="passthrough",
+        )
+        model = make_pipeline(encode, LogisticRegression(C=c, max_iter=500)).fit(x_tr, y_tr)
         accuracy = float(model.score(x_te, y_te))
         mlflow.set_tracking_uri(self.settings.mlflow.tracking_uri)
         mlflow.set_experiment("stagegate-demo")
@@ -126,6 +205,7 @@ class Demo:
                 data.from_pandas(x_tr.assign(target=y_tr), name="fraud-train", targets="target"),
                 context="training",
             )
+            log_reference(x_tr.assign(prediction=model.predict(x_tr)))
             info: Any = mlflow.sklearn.log_model(
                 model,
                 name="model",
@@ -237,14 +317,25 @@ class Demo:
         self.say(f"   endpoint: router sends v{version} the {arm} role ({waited:.1f} s later)")
         return True
 
-    def traffic(self, phase: str, requests: int = 400) -> None:
-        """Send generated traffic through the router, once a champion serves; show who answered."""
+    def bodies(self, requests: int, drifted: bool) -> list[dict[str, Any]]:
+        """One held-out row a request; drifted: f0 shifted by 3 and a channel never seen."""
+        self.phases += 1
+        rows = self.samples.sample(requests, replace=True, random_state=self.phases)
+        if drifted:
+            rows = rows.assign(f0=rows["f0"] + 3.0, channel="partner")
+        return [
+            {"dataframe_split": {"columns": COLUMNS, "data": [list(row)]}}
+            for row in rows[COLUMNS].itertuples(index=False)
+        ]
+
+    def traffic(self, phase: str, requests: int = 400, *, drifted: bool = False) -> Counter[str]:
+        """Send held-out rows through the router, once a champion serves; show who answered."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         from stagegate.serving.inference_log.writer import read_records
 
         url = f"{self.settings.serving.router_url}/models/{self.model}/invocations"
-        body = {"dataframe_split": {"columns": [f"f{i}" for i in range(20)], "data": [[0.1] * 20]}}
+        bodies = self.bodies(requests, drifted)
         started, answered, errors, latencies = datetime.now(UTC), Counter[str](), 0, []
         with Progress(
             TextColumn(f"   traffic ({phase})"),
@@ -257,7 +348,9 @@ class Demo:
             task = bar.add_task("", total=requests, live="")
             for i in range(requests):
                 t0 = time.perf_counter()
-                r = self.api.post(url, json=body, headers={"x-stagegate-key": f"user-{i % 200}"})
+                r = self.api.post(
+                    url, json=bodies[i], headers={"x-stagegate-key": f"user-{i % 200}"}
+                )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if r.status_code == 200:
                     answered[f"v{r.headers['x-stagegate-version']}"] += 1
@@ -282,6 +375,7 @@ class Demo:
             f"{errors} errors; p50 {latencies[len(latencies) // 2]:.1f} ms; "
             f"inference log: {', '.join(f'{k} {n}' for k, n in sorted(roles.items()))}"
         )
+        return answered
 
     def set_policy(self) -> None:
         policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
@@ -312,6 +406,78 @@ class Demo:
             f"(mirrored {waited:.1f} s after the stage change)"
         )
 
+    def drift_story(self, step: int, champion: int, previous: int) -> bool:
+        """Traffic drifts; the monitor fires; an alert arrives; a rollback waits for its
+        approval, is approved, and the previous champion serves again."""
+        from stagegate import runtime, stack
+        from stagegate.events.alert import DELIVERY_HEADER
+
+        secret = stack.effective_alert_secret(self.settings, stack.load_secrets(self.settings))
+        receiver = AlertReceiver(secret or "")
+        policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
+        policy["drift"].update(
+            columns=["f0", "f1", "f2", "f3", "channel"],
+            prediction_column="prediction",
+            drift_share=0.4,
+            min_rows=200,
+            actions={"alert_url": receiver.url, "rollback": True},
+        )
+        self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
+        self.say(
+            f"[bold]{step}.[/] ops set the drift policy: f0-f3 and channel, drift when 2 of 5 "
+            "drift; on drift: alert the on-call receiver, open a rollback"
+        )
+        self.traffic("drifting: f0 +3, channel 'partner'", drifted=True)
+
+        # The scheduled drift-check flow runs every 10 minutes; the demo runs the same step
+        # now, as `stagegate drift check` does. Its alerts may go to this one local receiver.
+        rt = runtime.build(self.settings)
+        alerts = self.settings.alerts.model_copy(
+            update={"secret": secret, "allowed_hosts": ["127.0.0.1"]}
+        )
+        monitor = runtime.monitor(rt)
+        monitor = type(monitor)(**{**monitor.__dict__, "alerts": alerts})
+        started = time.monotonic()
+        from stagegate.steps.drift import check_version
+
+        outcome = check_version(monitor, self.model, champion, until=datetime.now(UTC))
+        self.timings["drift_check_s"] = time.monotonic() - started
+        self.say(
+            f"   drift check of v{champion} ({self.timings['drift_check_s']:.1f} s): "
+            f"[red]{outcome.verdict}[/] - {outcome.reason}"
+        )
+        if outcome.report_url:
+            self.say(f"   Evidently report: {outcome.report_url}")
+        delivered = receiver.wait(self.timeout_s)
+        receiver.close()
+        if delivered is None:
+            raise DemoFailed(f"no alert arrived: {outcome.actions.get('alert')}")
+        self.say(
+            f"   alert delivered to the local receiver, signature verified "
+            f"(delivery {delivered.headers[DELIVERY_HEADER][:12]}): drifted "
+            f"{', '.join(delivered.body['drifted_features'])}"
+        )
+        rollback = self.open_transition(champion)
+        if rollback is None or rollback["to_stage"] != "rolled_back":
+            raise DemoFailed(f"no rollback transition opened: {outcome.actions}")
+        self.say(
+            f"   rollback v{champion} production->rolled_back opened by {rollback['requested_by']},"
+            f" {rollback['status']}: {rollback['status_reason'] or 'waiting for an approval'}"
+        )
+        self.move(champion, "rolled_back", ("alice",), rollback)
+        self.wait_routed(previous, "production")
+        answered = self.traffic("after the rollback", requests=100)
+        report = self.api.get(outcome.report_url or "", headers=self.headers["vic"])
+        self.say(
+            f"   v{previous} serves production again; the report ({len(report.content) // 1024} "
+            f"KiB of HTML) is at {outcome.report_url}"
+        )
+        return bool(
+            outcome.verdict == "drift"
+            and set(answered) == {f"v{previous}"}
+            and report.status_code == 200
+        )
+
     def run(self) -> bool:
         self.quiet_mlflow()
         self.issue_tokens()
@@ -331,9 +497,10 @@ class Demo:
             f"[bold]5.[/] production at {between:%H:%M:%S}: v{then['version']} "
             f"(approved by {approvers})"
         )
+        looped = self.drift_story(6, v2, v1)
         verdict = self.call("vic", "GET", "/api/v1/audit/verify")
         self.say(
-            f"[bold]6.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
+            f"[bold]7.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
             f"({verdict['rows']} rows)"
         )
-        return bool(then["version"] == v1 and verdict["ok"] and self.errors == 0)
+        return bool(then["version"] == v1 and looped and verdict["ok"] and self.errors == 0)

@@ -45,6 +45,7 @@ class VersionRecord:
     params: dict[str, str] = field(default_factory=dict)
     datasets: Sequence[DatasetInput] = ()
     depends_on: Sequence[tuple[str, int]] = ()
+    reference_source: str | None = None
 
 
 def get_version(session: Session, name: str, version: int, *, lock: bool = False) -> ModelVersion:
@@ -135,6 +136,7 @@ def record_version(
         metrics=dict(rec.metrics),
         params=dict(rec.params),
         registered_at=rec.registered_at,
+        reference_source=rec.reference_source,
     )
     session.add(row)
     session.flush()

@@ -23,7 +23,9 @@ class IntakeResult:
     digest: str
 
 
-def to_record(rv: RegistryVersion, digest: str) -> VersionRecord:
+def to_record(
+    rv: RegistryVersion, digest: str, reference_source: str | None = None
+) -> VersionRecord:
     return VersionRecord(
         name=rv.name,
         version=rv.version,
@@ -37,6 +39,7 @@ def to_record(rv: RegistryVersion, digest: str) -> VersionRecord:
         params=dict(rv.params),
         datasets=[DatasetInput(d.name, d.source, d.digest, d.context) for d in rv.datasets],
         depends_on=[(d.name, d.version) for d in rv.depends_on],
+        reference_source=reference_source,
     )
 
 
@@ -46,8 +49,11 @@ def intake(
     """Idempotent: keyed by `intake:<name>:<version>`, a rerun finds what the first one did."""
     rv = registry.get_version(name, version)  # re-read: webhook bodies are not trusted
     digest = registry.artifact_digest(name, version)
+    reference = registry.describe_reference(name, version)  # for the drift monitor's lineage
     with transaction(engine) as session:
-        row, recorded = versions.record_version(session, to_record(rv, digest), actor=SERVICE.name)
+        row, recorded = versions.record_version(
+            session, to_record(rv, digest, reference), actor=SERVICE.name
+        )
         transition = None
         if row.stage is Stage.candidate:
             transition, _ = transitions.request(
