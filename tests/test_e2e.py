@@ -55,7 +55,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         stack.down(settings)
 
 
-def test_registered_version_reaches_production(live: Settings) -> None:
+def people(live: Settings) -> dict[str, dict[str, str]]:
     engine = make_engine(live.database_url)
     with transaction(engine) as s:
         who = {
@@ -65,11 +65,82 @@ def test_registered_version_reaches_production(live: Settings) -> None:
                 ("alice", Role.approver),
                 ("bob", Role.approver),
                 ("vic", Role.viewer),
+                ("ops", Role.admin),
             ]
         }
     engine.dispose()
+    return who
+
+
+def test_registered_version_reaches_production(live: Settings) -> None:
     with httpx.Client(base_url=live.api.url, timeout=15, trust_env=False) as api:
+        walk_to_production(live, api, people(live))
+
+
+def test_drifting_traffic_opens_a_rollback_through_the_scheduled_flow(live: Settings) -> None:
+    """Drifted rows through the real router; the worker runs the drift-check deployment; the
+    check reads the logged features and the reference from MLflow, and opens a rollback."""
+    import numpy as np
+    from sklearn.datasets import make_classification
+
+    from stagegate.serving.inference_log.writer import read_records
+
+    who = people(live)
+    api = httpx.Client(base_url=live.api.url, timeout=15, trust_env=False)
+    version = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()["version"]
+    if version is None:  # run alone: walk a version to production first
         walk_to_production(live, api, who)
+        version = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()[
+            "version"
+        ]
+    policy = api.get(f"/api/v1/models/{MODEL}/policy", headers=who["vic"]).json()
+    policy["drift"].update(
+        min_rows=50,
+        interval_s=1,  # the scheduled window ends at the last whole second
+        exclude_columns=["target"],
+        drift_share=0.1,
+        actions={"rollback": True},
+    )
+    r = api.put(f"/api/v1/models/{MODEL}/policy", headers=who["ops"], json=policy)
+    assert r.status_code == 200, r.text
+
+    # The training rows of the registered model, f0 shifted by five standard deviations.
+    features, _ = make_classification(n_samples=200, n_features=6, random_state=0)
+    features[:, 0] += 5 * features[:, 0].std()
+    url = f"{live.serving.router_url}/models/{MODEL}/invocations"
+    columns = [f"f{i}" for i in range(6)]
+    with httpx.Client(timeout=10, trust_env=False) as router:
+        for row in np.round(features, 6).tolist():
+            answer = router.post(url, json={"dataframe_split": {"columns": columns, "data": [row]}})
+            assert answer.status_code == 200, answer.text
+    wait_for(
+        "the inference log to hold the drifted rows",
+        lambda: read_records(live.inference_log_url, model=MODEL).num_rows >= 200,
+        timeout_s=30,
+    )
+    time.sleep(1.5)  # the scheduled window ends on a whole second before now
+
+    prefect = httpx.Client(base_url=live.prefect.api_url, timeout=15, trust_env=False)
+    deployment = prefect.get("/deployments/name/drift-check/drift-check").json()
+    run = prefect.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
+
+    def finished() -> dict[str, Any] | None:
+        doc: dict[str, Any] = prefect.get(f"/flow_runs/{run['id']}").json()
+        return doc if doc["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED"} else None
+
+    assert wait_for("the drift-check run", finished, timeout_s=180)["state"]["type"] == "COMPLETED"
+    history = api.get(f"/api/v1/models/{MODEL}/versions/{version}/drift", headers=who["vic"]).json()
+    [check] = history["checks"]
+    assert check["verdict"] == "drift", check["reason"]
+    assert "f0" in check["drifted_features"]
+    assert check["sample_size"] >= 200
+    [alarm] = history["alarms"]
+    rollback = api.get(
+        f"/api/v1/transitions/{alarm['rollback_transition_id']}", headers=who["vic"]
+    ).json()
+    assert (rollback["to_stage"], rollback["status"]) == ("rolled_back", "pending")
+    assert rollback["requested_by"] == "stagegate"
+    assert alarm["event_emitted"]
 
 
 def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[str, str]]) -> None:
