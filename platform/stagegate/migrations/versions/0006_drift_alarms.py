@@ -1,7 +1,7 @@
 """drift alarms, and where each version's reference data comes from
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-11-30 08:00:00.000000
 """
 
@@ -11,8 +11,8 @@ from alembic import op
 
 import stagegate.db
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
