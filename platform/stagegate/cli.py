@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -263,12 +264,59 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M") if at else "-"
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[Role, typer.Option(help="viewer, author, approver, admin or service.")],
-    name: Annotated[str, typer.Option(help="The identity approvals and audit rows name.")],
+    name: Annotated[
+        str | None, typer.Argument(help="The identity approvals and audit rows name.")
+    ] = None,
+    name_option: Annotated[
+        str | None, typer.Option("--name", help="The same as NAME (older spelling).")
+    ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Lifetime, such as 30d, 12h or 2w; without it, until revoked."),
+    ] = None,
 ) -> None:
-    """Create an API token and print it (only its hash is stored)."""
+    """Create an API token and print it (only its hash is stored).
+
+    The platform's own identities (stagegate, mlflow-webhook, stagegate-router) are refused.
+    """
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import tokens
+    from stagegate.migrate import upgrade
+
+    if name is not None and name_option is not None and name != name_option:
+        raise _fail(f"two names given: {name!r} and --name {name_option!r}", code=2)
+    who = name if name is not None else name_option
+    if who is None:
+        raise _fail("name the identity: stagegate token create NAME --role ROLE", code=2)
+    try:
+        lifetime = tokens.parse_lifetime(expires_in) if expires_in is not None else None
+    except StagegateError as exc:
+        raise _fail(exc.detail, code=2) from None
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    try:
+        with transaction(make_engine(settings.database_url)) as s:
+            secret = tokens.create_token(s, name=who, role=role, expires_in=lifetime)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(secret)
+
+
+@token_app.command("list")
+def token_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Every token: name, role, created, expires, revoked (never a secret or a hash)."""
+    from dataclasses import asdict
+
     from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
     from stagegate.migrate import upgrade
@@ -276,28 +324,53 @@ def token_create(
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    try:
-        with transaction(make_engine(settings.database_url)) as s:
-            secret = tokens.create_token(s, name=name, role=role)
-    except StagegateError as exc:
-        raise _fail(exc.detail) from None
-    typer.echo(secret)
+    with transaction(make_engine(settings.database_url), read_only=True) as s:
+        rows = tokens.list_tokens(s)
+    if as_json:
+        iso = {"created_at", "expires_at", "revoked_at"}
+        typer.echo(
+            json.dumps(
+                [
+                    {k: (v.isoformat() if k in iso and v else v) for k, v in asdict(t).items()}
+                    for t in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table("name", "role", "created (UTC)", "expires (UTC)", "revoked (UTC)", "status")
+    for t in rows:
+        table.add_row(
+            t.name,
+            t.role.value,
+            _when(t.created_at),
+            _when(t.expires_at),
+            _when(t.revoked_at),
+            t.status,
+        )
+    console.print(table)
 
 
 @token_app.command("revoke")
 def token_revoke(
-    name: Annotated[str, typer.Option(help="Identity whose tokens to revoke.")],
+    name: Annotated[str | None, typer.Argument(help="Identity whose tokens to revoke.")] = None,
+    name_option: Annotated[
+        str | None, typer.Option("--name", help="The same as NAME (older spelling).")
+    ] = None,
 ) -> None:
     """Revoke every active token of an identity."""
     from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
 
+    who = name if name is not None else name_option
+    if who is None:
+        raise _fail("name the identity: stagegate token revoke NAME", code=2)
     try:
         with transaction(make_engine(get_settings().database_url)) as s:
-            n = tokens.revoke_token(s, name=name)
+            n = tokens.revoke_token(s, name=who)
     except StagegateError as exc:
         raise _fail(exc.detail) from None
-    typer.echo(f"revoked {n} token(s) of {name}")
+    typer.echo(f"revoked {n} token(s) of {who}")
 
 
 @audit_app.command("verify")
