@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -374,22 +375,123 @@ def token_revoke(
 
 
 @audit_app.command("verify")
-def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Also check the log against this signed checkpoint: exit 1 if the log was "
+            "truncated or rewritten since, 3 if the checkpoint is forged or unreadable.",
+        ),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(
+            help="The public key (KEY.pub) the checkpoint must be signed with. Without it, "
+            "only the checkpoint's own key is checked, which proves nothing about who wrote it."
+        ),
+    ] = None,
+) -> None:
     """Walk the hash chain; exit 1 and name the first bad row if it was tampered with."""
     from dataclasses import asdict
 
     from stagegate.db import make_engine, transaction
     from stagegate.governance import audit
+    from stagegate.governance import checkpoint as cp
 
-    with transaction(make_engine(get_settings().database_url), read_only=True) as s:
-        result = audit.verify(s)
+    if pubkey is not None and checkpoint_file is None:
+        raise _fail("--pubkey checks a checkpoint: give --checkpoint FILE too", code=2)
+    try:
+        saved = cp.read(checkpoint_file) if checkpoint_file else None
+        trusted = cp.load_public_key(pubkey) if pubkey else None
+        engine = make_engine(get_settings().database_url)
+        try:
+            with transaction(engine, read_only=True) as s:
+                result = audit.verify(s)
+                checked = cp.check(s, saved, trusted=trusted) if saved else None
+        finally:
+            engine.dispose()
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail, code=3) from None
+    ok = result.ok and (checked is None or checked.ok)
+    code = 0 if ok else 3 if checked is not None and checked.problem == "forged" else 1
     if as_json:
-        typer.echo(json.dumps(asdict(result)))
-    elif result.ok:
+        doc = {**asdict(result), "ok": ok}
+        if checked is not None:
+            doc["checkpoint"] = checked.as_dict()
+        typer.echo(json.dumps(doc))
+        raise typer.Exit(code)
+    if result.ok:
         console.print(f"audit chain ok: {result.rows} rows, head {result.head_hash[:16]}")
     else:
         console.print(f"[red]audit chain broken at row {result.first_bad_seq}:[/] {result.reason}")
-    raise typer.Exit(0 if result.ok else 1)
+    if checked is not None and checked.ok:
+        console.print(f"checkpoint ok: {checked.reason}")
+        if not checked.key_trusted:
+            console.print(
+                f"[yellow]note:[/] signed by key {checked.key_fingerprint}, named in the "
+                "checkpoint itself; pass --pubkey to prove it is yours"
+            )
+    elif checked is not None and checked.problem != "broken":  # broken is said above
+        console.print(f"[red]checkpoint check failed ({checked.problem}):[/] {checked.reason}")
+    raise typer.Exit(code)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    key: Annotated[Path, typer.Option(help="Where to write the private key (mode 0600).")],
+) -> None:
+    """Make an Ed25519 signing key for checkpoints, and KEY.pub beside it.
+
+    Keep the private key off the database's host: whoever holds it can sign any log.
+    """
+    from stagegate.governance import checkpoint as cp
+
+    try:
+        made = cp.generate_key(key)
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail) from None
+    console.print(
+        f"signing key {key} (0600), public key {cp.public_path(key)}, "
+        f"fingerprint {cp.fingerprint(made.public_key())}"
+    )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    key: Annotated[
+        Path, typer.Option(help="Ed25519 signing key; made (0600, with KEY.pub) if missing.")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the signed checkpoint (JSON).")],
+) -> None:
+    """Sign the head of the audit log into a file kept outside the database.
+
+    `audit verify --checkpoint FILE --pubkey KEY.pub` later proves the log was neither cut
+    short nor rewritten up to that head. Refused (exit 1) if the chain is already broken.
+    """
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import checkpoint as cp
+
+    try:
+        if key.exists():
+            signing = cp.load_private_key(key)
+        else:
+            signing = cp.generate_key(key)
+            console.print(f"made signing key {key} (0600) and {cp.public_path(key)}")
+        engine = make_engine(get_settings().database_url)
+        try:
+            with transaction(engine, read_only=True) as s:
+                made = cp.create(s, signing)
+        finally:
+            engine.dispose()
+        cp.write(made, out)
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail) from None
+    console.print(
+        f"checkpoint {out}: row {made.seq}, head {made.hash[:16]}, "
+        f"key {cp.fingerprint(signing.public_key())}"
+    )
 
 
 @db_app.command("upgrade")
