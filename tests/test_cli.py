@@ -35,6 +35,7 @@ def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_token_create_prints_a_working_token_and_audit_verify_catches_tampering(
     tmp_path: Path,
 ) -> None:
@@ -66,6 +67,7 @@ def test_token_create_prints_a_working_token_and_audit_verify_catches_tampering(
     assert "broken at row 1" in broken.stdout
 
 
+@pytest.mark.slow
 def test_bad_role_is_a_clear_usage_error(tmp_path: Path) -> None:
     r = run(tmp_path, "token", "create", "--role", "god", "--name", "x")
     assert r.returncode == 2
@@ -73,6 +75,7 @@ def test_bad_role_is_a_clear_usage_error(tmp_path: Path) -> None:
     assert "god" in r.stderr
 
 
+@pytest.mark.slow
 def test_status_json_without_a_stack(tmp_path: Path) -> None:
     r = run(tmp_path, "status", "--json")
     assert r.returncode == 0, r.stderr
