@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -22,10 +24,74 @@ from stagegate.migrate import upgrade
 from stagegate.settings import Settings
 from tests.factories import Factory
 
-pytest_plugins = ["tests.fixtures.mlflow_server"]
+pytest_plugins = ["tests.fixtures.mlflow_server", "pytester"]  # pytester: test_slow_marker.py
 
 PG_URL = os.environ.get("STAGEGATE_TEST_PG_URL")  # set by `make test`, which starts PostgreSQL
 BACKENDS = ["sqlite", "postgresql"] if PG_URL else ["sqlite"]
+
+# -- the `slow` marker: every test that starts a process -------------------------------------
+# Shared fixtures that start processes: a test that uses one, directly or through another
+# fixture, is marked `slow` here. Tests and module fixtures that start their own processes
+# carry `@pytest.mark.slow` (or a module `pytestmark`) themselves; `e2e` implies `slow`.
+PROCESS_FIXTURES = frozenset({"mlflow_server"})
+_SPAWN_EVENTS = frozenset(
+    {"subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("e2e") or uses & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+class ProcessInFastTest(RuntimeError):
+    """A test not marked `slow` tried to start a process (refused, so `-m "not slow"` stays
+    fast and process-free)."""
+
+
+class _SpawnGuard:
+    """An audit hook (hooks cannot be removed, so it is installed once and switched per test)
+    that refuses process starts from the main thread while a test without `slow` runs."""
+
+    def __init__(self) -> None:
+        self.fast_test: str | None = None
+        self.refused: list[str] = []
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if self.fast_test is None or event not in _SPAWN_EVENTS:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # a background thread of some earlier slow test's fixture, not this test
+        what = f"{event} {args[1] if event == 'subprocess.Popen' else args[:1]!r}"
+        self.refused.append(what)
+        raise ProcessInFastTest(
+            f"{self.fast_test} starts a process ({what}) but is not marked slow: add "
+            "@pytest.mark.slow, or use a fixture listed in PROCESS_FIXTURES (tests/conftest.py)"
+        )
+
+
+_guard = _SpawnGuard()
+sys.addaudithook(_guard)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    _guard.fast_test = None if item.get_closest_marker("slow") else item.nodeid
+    _guard.refused.clear()
+    try:
+        return (yield)
+    finally:
+        _guard.fast_test = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    result = yield
+    if _guard.refused:  # refused, but something swallowed the error: still a failure
+        pytest.fail(f"{item.nodeid} tried to start a process: {_guard.refused[0]}")
+    return result
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

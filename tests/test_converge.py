@@ -293,6 +293,7 @@ def router(live_api_url: str, factory: Factory, tmp_path: Path) -> Iterator[str]
         proc.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_converge_waits_until_the_router_serves_the_generation(
     engine: Engine, reg: FakeRegistry, sink: MemorySink, router: str
 ) -> None:

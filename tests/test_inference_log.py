@@ -288,6 +288,7 @@ def appended(counter: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rows", "interval_s"), [(300, 30.0), (100_000, 0.25)], ids=["rows-bound", "time-bound"]
 )
@@ -308,6 +309,7 @@ def test_sigkill_loses_at_most_the_unflushed_buffer(
     assert 0 <= lost <= min(rows, RATE * interval_s) + RATE * WRITE_SLACK_S, (sent, len(ids))
 
 
+@pytest.mark.slow
 def test_a_normal_exit_without_close_loses_nothing(tmp_path: Path) -> None:
     child, counter, root = spawn(tmp_path, rows=100_000, interval_s=60, total=300)
     assert child.wait(timeout=20) == 0

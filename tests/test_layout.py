@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,6 +15,7 @@ def test_platform_folder_has_no_init() -> None:
     assert not (ROOT / "platform" / "__init__.py").exists()
 
 
+@pytest.mark.slow
 def test_stdlib_platform_still_imports_from_repo_root() -> None:
     out = subprocess.run(
         [

@@ -579,6 +579,7 @@ def test_device_option_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
         model_device.parse_device("gpu")
 
 
+@pytest.mark.slow
 def test_cli_refuses_cuda_without_torch_before_opening_the_port() -> None:
     code = (
         "import sys; sys.modules['torch'] = None; from stagegate.cli import app; "

@@ -33,6 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stagegate.serving.inference_log.records import InferenceRecord
 from stagegate.serving.router.assign import assign, threshold
 
+pytestmark = pytest.mark.slow  # every test here runs real processes
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 20.0
 CLI = [sys.executable, "-m", "stagegate.cli"]

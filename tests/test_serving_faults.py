@@ -43,6 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stagegate.serving.inference_log.writer import read_records
 from stagegate.serving.router.assign import assign, threshold
 
+pytestmark = pytest.mark.slow  # every test here runs real processes
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stagegate.cli"]
 START_TIMEOUT_S = 60.0  # a model server imports mlflow before it answers: seconds on 2 cores

@@ -89,6 +89,7 @@ def crash_spec(port: int) -> ServiceSpec:
     )
 
 
+@pytest.mark.slow
 def test_up_status_idempotent_down(settings: Settings) -> None:
     port = free_port()
     specs = [spawner_spec(settings.home), web_spec(port)]  # order comes from depends_on
@@ -123,6 +124,7 @@ def test_up_status_idempotent_down(settings: Settings) -> None:
     assert down(settings) == []
 
 
+@pytest.mark.slow
 def test_status_from_another_process_reads_pid_files(settings: Settings) -> None:
     port = free_port()
     started = up(settings, specs=[web_spec(port)], timeout_s=20)
@@ -148,6 +150,7 @@ def test_status_from_another_process_reads_pid_files(settings: Settings) -> None
     assert seen["web"]["rss_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_failed_health_check_stops_everything_and_quotes_the_log(settings: Settings) -> None:
     port = free_port()
     specs = [web_spec(port), crash_spec(free_port())]
@@ -165,6 +168,7 @@ def test_failed_health_check_stops_everything_and_quotes_the_log(settings: Setti
         httpx.get(f"http://127.0.0.1:{port}/", trust_env=False)
 
 
+@pytest.mark.slow
 def test_timeout_names_the_service(settings: Settings) -> None:
     never = ServiceSpec(
         name="never",
@@ -187,6 +191,7 @@ def test_port_taken_by_a_stranger_is_refused(settings: Settings) -> None:
     assert not (settings.home / "run" / "web.json").exists()
 
 
+@pytest.mark.slow
 def test_stale_pid_files_are_replaced(settings: Settings) -> None:
     port = free_port()
     spec = web_spec(port)
@@ -221,6 +226,7 @@ def test_stale_pid_files_are_replaced(settings: Settings) -> None:
     assert proc_stat(os.getpid()) is not None  # the reused pid was not signalled
 
 
+@pytest.mark.slow
 def test_down_kills_a_group_that_ignores_sigterm(settings: Settings) -> None:
     specs = [web_spec(free_port()), spawner_spec(settings.home, ignore_term=True)]
     started = up(settings, specs=specs, timeout_s=20)
@@ -235,6 +241,7 @@ def test_down_kills_a_group_that_ignores_sigterm(settings: Settings) -> None:
     assert all(gone(p) for p in members)
 
 
+@pytest.mark.slow
 def test_down_reaps_orphans_of_a_dead_leader(settings: Settings) -> None:
     specs = [web_spec(free_port()), spawner_spec(settings.home)]
     started = up(settings, specs=specs, timeout_s=20)

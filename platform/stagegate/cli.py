@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -318,12 +320,59 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+def _when(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M") if at else "-"
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[Role, typer.Option(help="viewer, author, approver, admin or service.")],
-    name: Annotated[str, typer.Option(help="The identity approvals and audit rows name.")],
+    name: Annotated[
+        str | None, typer.Argument(help="The identity approvals and audit rows name.")
+    ] = None,
+    name_option: Annotated[
+        str | None, typer.Option("--name", help="The same as NAME (older spelling).")
+    ] = None,
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Lifetime, such as 30d, 12h or 2w; without it, until revoked."),
+    ] = None,
 ) -> None:
-    """Create an API token and print it (only its hash is stored)."""
+    """Create an API token and print it (only its hash is stored).
+
+    The platform's own identities (stagegate, mlflow-webhook, stagegate-router) are refused.
+    """
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import tokens
+    from stagegate.migrate import upgrade
+
+    if name is not None and name_option is not None and name != name_option:
+        raise _fail(f"two names given: {name!r} and --name {name_option!r}", code=2)
+    who = name if name is not None else name_option
+    if who is None:
+        raise _fail("name the identity: stagegate token create NAME --role ROLE", code=2)
+    try:
+        lifetime = tokens.parse_lifetime(expires_in) if expires_in is not None else None
+    except StagegateError as exc:
+        raise _fail(exc.detail, code=2) from None
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    try:
+        with transaction(make_engine(settings.database_url)) as s:
+            secret = tokens.create_token(s, name=who, role=role, expires_in=lifetime)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(secret)
+
+
+@token_app.command("list")
+def token_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Every token: name, role, created, expires, revoked (never a secret or a hash)."""
+    from dataclasses import asdict
+
     from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
     from stagegate.migrate import upgrade
@@ -331,47 +380,173 @@ def token_create(
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    try:
-        with transaction(make_engine(settings.database_url)) as s:
-            secret = tokens.create_token(s, name=name, role=role)
-    except StagegateError as exc:
-        raise _fail(exc.detail) from None
-    typer.echo(secret)
+    with transaction(make_engine(settings.database_url), read_only=True) as s:
+        rows = tokens.list_tokens(s)
+    if as_json:
+        iso = {"created_at", "expires_at", "revoked_at"}
+        typer.echo(
+            json.dumps(
+                [
+                    {k: (v.isoformat() if k in iso and v else v) for k, v in asdict(t).items()}
+                    for t in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table("name", "role", "created (UTC)", "expires (UTC)", "revoked (UTC)", "status")
+    for t in rows:
+        table.add_row(
+            t.name,
+            t.role.value,
+            _when(t.created_at),
+            _when(t.expires_at),
+            _when(t.revoked_at),
+            t.status,
+        )
+    console.print(table)
 
 
 @token_app.command("revoke")
 def token_revoke(
-    name: Annotated[str, typer.Option(help="Identity whose tokens to revoke.")],
+    name: Annotated[str | None, typer.Argument(help="Identity whose tokens to revoke.")] = None,
+    name_option: Annotated[
+        str | None, typer.Option("--name", help="The same as NAME (older spelling).")
+    ] = None,
 ) -> None:
     """Revoke every active token of an identity."""
     from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
 
+    who = name if name is not None else name_option
+    if who is None:
+        raise _fail("name the identity: stagegate token revoke NAME", code=2)
     try:
         with transaction(make_engine(get_settings().database_url)) as s:
-            n = tokens.revoke_token(s, name=name)
+            n = tokens.revoke_token(s, name=who)
     except StagegateError as exc:
         raise _fail(exc.detail) from None
-    typer.echo(f"revoked {n} token(s) of {name}")
+    typer.echo(f"revoked {n} token(s) of {who}")
 
 
 @audit_app.command("verify")
-def audit_verify(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def audit_verify(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    checkpoint_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            help="Also check the log against this signed checkpoint: exit 1 if the log was "
+            "truncated or rewritten since, 3 if the checkpoint is forged or unreadable.",
+        ),
+    ] = None,
+    pubkey: Annotated[
+        Path | None,
+        typer.Option(
+            help="The public key (KEY.pub) the checkpoint must be signed with. Without it, "
+            "only the checkpoint's own key is checked, which proves nothing about who wrote it."
+        ),
+    ] = None,
+) -> None:
     """Walk the hash chain; exit 1 and name the first bad row if it was tampered with."""
     from dataclasses import asdict
 
     from stagegate.db import make_engine, transaction
     from stagegate.governance import audit
+    from stagegate.governance import checkpoint as cp
 
-    with transaction(make_engine(get_settings().database_url), read_only=True) as s:
-        result = audit.verify(s)
+    if pubkey is not None and checkpoint_file is None:
+        raise _fail("--pubkey checks a checkpoint: give --checkpoint FILE too", code=2)
+    try:
+        saved = cp.read(checkpoint_file) if checkpoint_file else None
+        trusted = cp.load_public_key(pubkey) if pubkey else None
+        engine = make_engine(get_settings().database_url)
+        try:
+            with transaction(engine, read_only=True) as s:
+                result = audit.verify(s)
+                checked = cp.check(s, saved, trusted=trusted) if saved else None
+        finally:
+            engine.dispose()
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail, code=3) from None
+    ok = result.ok and (checked is None or checked.ok)
+    code = 0 if ok else 3 if checked is not None and checked.problem == "forged" else 1
     if as_json:
-        typer.echo(json.dumps(asdict(result)))
-    elif result.ok:
+        doc = {**asdict(result), "ok": ok}
+        if checked is not None:
+            doc["checkpoint"] = checked.as_dict()
+        typer.echo(json.dumps(doc))
+        raise typer.Exit(code)
+    if result.ok:
         console.print(f"audit chain ok: {result.rows} rows, head {result.head_hash[:16]}")
     else:
         console.print(f"[red]audit chain broken at row {result.first_bad_seq}:[/] {result.reason}")
-    raise typer.Exit(0 if result.ok else 1)
+    if checked is not None and checked.ok:
+        console.print(f"checkpoint ok: {checked.reason}")
+        if not checked.key_trusted:
+            console.print(
+                f"[yellow]note:[/] signed by key {checked.key_fingerprint}, named in the "
+                "checkpoint itself; pass --pubkey to prove it is yours"
+            )
+    elif checked is not None and checked.problem != "broken":  # broken is said above
+        console.print(f"[red]checkpoint check failed ({checked.problem}):[/] {checked.reason}")
+    raise typer.Exit(code)
+
+
+@audit_app.command("keygen")
+def audit_keygen(
+    key: Annotated[Path, typer.Option(help="Where to write the private key (mode 0600).")],
+) -> None:
+    """Make an Ed25519 signing key for checkpoints, and KEY.pub beside it.
+
+    Keep the private key off the database's host: whoever holds it can sign any log.
+    """
+    from stagegate.governance import checkpoint as cp
+
+    try:
+        made = cp.generate_key(key)
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail) from None
+    console.print(
+        f"signing key {key} (0600), public key {cp.public_path(key)}, "
+        f"fingerprint {cp.fingerprint(made.public_key())}"
+    )
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    key: Annotated[
+        Path, typer.Option(help="Ed25519 signing key; made (0600, with KEY.pub) if missing.")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the signed checkpoint (JSON).")],
+) -> None:
+    """Sign the head of the audit log into a file kept outside the database.
+
+    `audit verify --checkpoint FILE --pubkey KEY.pub` later proves the log was neither cut
+    short nor rewritten up to that head. Refused (exit 1) if the chain is already broken.
+    """
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import checkpoint as cp
+
+    try:
+        if key.exists():
+            signing = cp.load_private_key(key)
+        else:
+            signing = cp.generate_key(key)
+            console.print(f"made signing key {key} (0600) and {cp.public_path(key)}")
+        engine = make_engine(get_settings().database_url)
+        try:
+            with transaction(engine, read_only=True) as s:
+                made = cp.create(s, signing)
+        finally:
+            engine.dispose()
+        cp.write(made, out)
+    except cp.CheckpointError as exc:
+        raise _fail(exc.detail) from None
+    console.print(
+        f"checkpoint {out}: row {made.seq}, head {made.hash[:16]}, "
+        f"key {cp.fingerprint(signing.public_key())}"
+    )
 
 
 @db_app.command("upgrade")

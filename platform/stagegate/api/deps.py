@@ -14,7 +14,7 @@ from sqlmodel import Session
 from stagegate.db import reader
 from stagegate.errors import PermissionDenied, StagegateError
 from stagegate.events.sink import EventSink
-from stagegate.governance.tokens import Principal, authenticate
+from stagegate.governance.tokens import Principal, TokenRejected, authenticate
 from stagegate.lifecycle.stages import Role
 from stagegate.settings import Settings
 
@@ -57,10 +57,10 @@ def current_principal(
 ) -> Principal:
     if credentials is None:
         raise Unauthenticated("missing bearer token")
-    principal = authenticate(session, credentials.credentials)
-    if principal is None:
-        raise Unauthenticated("invalid or revoked token")
-    return principal
+    try:
+        return authenticate(session, credentials.credentials)
+    except TokenRejected as exc:  # unknown, revoked or expired, and the answer says which
+        raise Unauthenticated(exc.detail) from None
 
 
 def require(*roles: Role) -> Callable[[Principal], Principal]:

@@ -59,6 +59,7 @@ class ApiToken(SQLModel, table=True):
     token_hash: str = Field(unique=True, max_length=64)
     created_at: datetime = _ts()
     revoked_at: datetime | None = _ts(nullable=True)
+    expires_at: datetime | None = _ts(nullable=True)  # None: until revoked
 
 
 class RegisteredModel(SQLModel, table=True):

@@ -1,20 +1,43 @@
-"""API tokens: random bearer secrets, stored only as sha256, each carrying one role."""
+"""API tokens: random bearer secrets, stored only as sha256, each carrying one role.
+
+A token may expire; the identities the platform acts under are reserved for it."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from sqlalchemy import ColumnElement, and_, or_
 from sqlmodel import Session, col, select
 
 from stagegate.db import utcnow
-from stagegate.errors import ConflictError, InvalidInput, NotFoundError
+from stagegate.errors import ConflictError, InvalidInput, NotFoundError, StagegateError
 from stagegate.governance import audit
 from stagegate.governance.models import ApiToken
 from stagegate.lifecycle.stages import Role
 
 PREFIX = "sg_"
+
+# The identities the platform acts under, in approvals, transitions and the audit log: the
+# steps and flows ("stagegate"), registry webhook deliveries ("mlflow-webhook") and the embedded
+# router ("stagegate-router"). A person holding one of these names could pass for the platform,
+# so only `ensure_token` (called by the platform itself) may issue them.
+RESERVED_NAMES = frozenset({"stagegate", "mlflow-webhook", "stagegate-router"})
+
+# A name is an identity shown in approvals and the audit log: short, printable, no spaces.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}")
+_DURATION = re.compile(r"(\d{1,7})([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_LIFETIME = timedelta(days=3650)  # longer is "never"; say so by leaving the expiry out
+
+
+class TokenRejected(StagegateError):
+    """The secret authenticates nobody; `detail` says why (unknown, revoked, expired)."""
+
+    code = "unauthenticated"
 
 
 @dataclass(frozen=True)
@@ -25,56 +48,135 @@ class Principal:
     role: Role
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """What may be shown about a token: never its secret, nor its hash."""
+
+    name: str
+    role: Role
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    status: str  # active | expired | revoked
+
+
 def hash_token(token: str) -> str:
     # Tokens are 256-bit random, so a plain sha256 is enough (no password stretching needed).
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, *, name: str, role: Role, actor: str = "cli") -> str:
-    """Create a token and return its secret; only its hash is kept."""
-    _check_one_role(session, name, role)
+def parse_lifetime(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `2w` or `45s` as a timedelta, positive and at most ten years."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise InvalidInput(f"lifetime {text!r} is not a number and a unit (s, m, h, d, w): 30d")
+    lifetime = timedelta(**{_UNITS[match[2]]: int(match[1])})
+    if not timedelta(0) < lifetime <= MAX_LIFETIME:
+        raise InvalidInput(f"lifetime {text!r} must be over 0 and at most {MAX_LIFETIME.days}d")
+    return lifetime
+
+
+def is_reserved(name: str) -> bool:
+    # Case-blind: "Stagegate" in an audit row would read as the platform to a person.
+    return name.strip().casefold() in RESERVED_NAMES
+
+
+def create_token(
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    actor: str = "cli",
+    expires_in: timedelta | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Create a token for a person or an outside service and return its secret; only its hash
+    is kept. Reserved identities are refused: the platform issues those (`ensure_token`)."""
+    _check_name(name)
+    if is_reserved(name):
+        raise InvalidInput(
+            f"{name!r} is reserved for the platform's own services "
+            f"({', '.join(sorted(RESERVED_NAMES))}); choose another name"
+        )
+    created = now or utcnow()
+    expires_at = None
+    if expires_in is not None:
+        if not timedelta(0) < expires_in <= MAX_LIFETIME:
+            raise InvalidInput(f"a token lives over 0 and at most {MAX_LIFETIME.days} days")
+        expires_at = created + expires_in
+    _check_one_role(session, name, role, created)
     secret = PREFIX + secrets.token_urlsafe(32)
-    _add(session, name=name, role=role, secret=secret, actor=actor)
+    _add(session, name=name, role=role, secret=secret, actor=actor, at=created, expires=expires_at)
     return secret
 
 
 def ensure_token(session: Session, *, name: str, role: Role, secret: str, actor: str) -> bool:
     """Register a secret made elsewhere (the embedded stack's own services); idempotent.
-    Returns True when it was added."""
+    The platform's way in: reserved names are allowed here. Returns True when it was added."""
     if not secret.startswith(PREFIX):
         raise InvalidInput(f"a token starts with {PREFIX!r}")
+    _check_name(name)
     found = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
     if found is not None:
         if found.revoked_at is not None or found.name != name or found.role != role:
             raise ConflictError(f"that secret is taken, or was revoked; make a new one for {name}")
         return False
-    _check_one_role(session, name, role)
-    _add(session, name=name, role=role, secret=secret, actor=actor)
+    now = utcnow()
+    _check_one_role(session, name, role, now)
+    _add(session, name=name, role=role, secret=secret, actor=actor, at=now, expires=None)
     return True
 
 
-def _add(session: Session, *, name: str, role: Role, secret: str, actor: str) -> None:
-    session.add(ApiToken(name=name, role=role, token_hash=hash_token(secret)))
+def _add(
+    session: Session,
+    *,
+    name: str,
+    role: Role,
+    secret: str,
+    actor: str,
+    at: datetime,
+    expires: datetime | None,
+) -> None:
+    hashed = hash_token(secret)
+    session.add(
+        ApiToken(name=name, role=role, token_hash=hashed, created_at=at, expires_at=expires)
+    )
     audit.append(
         session,
         actor=actor,
         action="token.created",
         entity_type="token",
         entity_id=name,
-        data={"role": role.value},
+        data={"role": role.value, "expires_at": expires.isoformat() if expires else None},
     )
 
 
-def _check_one_role(session: Session, name: str, role: Role) -> None:
-    existing = session.exec(
-        select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
-    ).first()
+def _check_name(name: str) -> None:
+    if _NAME.fullmatch(name) is None:
+        raise InvalidInput(
+            f"token name {name!r} must be 1-100 letters, digits or . _ @ + -, "
+            "starting with a letter or digit"
+        )
+
+
+def _live(now: datetime) -> ColumnElement[bool]:
+    """Neither revoked nor expired."""
+    return and_(
+        col(ApiToken.revoked_at).is_(None),
+        or_(col(ApiToken.expires_at).is_(None), col(ApiToken.expires_at) > now),
+    )
+
+
+def _check_one_role(session: Session, name: str, role: Role, now: datetime) -> None:
+    # Expired tokens authenticate nobody, so they hold no role any more.
+    existing = session.exec(select(ApiToken).where(ApiToken.name == name, _live(now))).first()
     if existing is not None and existing.role != role:
         raise ConflictError(f"{name!r} already holds role {existing.role}; one role per identity")
 
 
 def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:
-    """Revoke every active token of `name`; returns how many."""
+    """Revoke every unrevoked token of `name` (expired ones too, so the list says so);
+    returns how many."""
     active = session.exec(
         select(ApiToken).where(ApiToken.name == name, col(ApiToken.revoked_at).is_(None))
     ).all()
@@ -94,12 +196,34 @@ def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:
     return len(active)
 
 
-def authenticate(session: Session, secret: str) -> Principal | None:
+def _status(token: ApiToken, now: datetime) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def list_tokens(session: Session, *, now: datetime | None = None) -> list[TokenInfo]:
+    """Every token, by name then age, as `TokenInfo` (no secret, no hash)."""
+    at = now or utcnow()
+    rows = session.exec(
+        select(ApiToken).order_by(col(ApiToken.name), col(ApiToken.created_at))
+    ).all()
+    return [
+        TokenInfo(t.name, t.role, t.created_at, t.expires_at, t.revoked_at, _status(t, at))
+        for t in rows
+    ]
+
+
+def authenticate(session: Session, secret: str, *, now: datetime | None = None) -> Principal:
+    """The principal a secret stands for; raises TokenRejected saying why it stands for nobody."""
     if not secret.startswith(PREFIX):
-        return None
-    token = session.exec(
-        select(ApiToken).where(
-            ApiToken.token_hash == hash_token(secret), col(ApiToken.revoked_at).is_(None)
-        )
-    ).first()
-    return Principal(token.name, token.role) if token else None
+        raise TokenRejected("invalid token")
+    token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+    if token is None:
+        raise TokenRejected("invalid token")
+    status = _status(token, now or utcnow())
+    if status != "active":
+        raise TokenRejected(f"token {status}")
+    return Principal(token.name, token.role)
