@@ -51,3 +51,10 @@ class PermanentError(StagegateError):
     """An infrastructure failure that retrying will not fix (bad config, missing artifact)."""
 
     code = "permanent"
+
+
+class NoReference(StagegateError):
+    """A version has no reference data Stagegate can read; `detail` says why. The drift
+    monitor reports the verdict "no reference" rather than failing."""
+
+    code = "no_reference"
