@@ -192,7 +192,10 @@ def _parse(url: str, schemes: tuple[str, ...], refuse: _Refuse) -> tuple[SplitRe
     # urlsplit silently drops tabs and newlines, and some clients read `\` as `/`.
     if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ch == "\\" for ch in url):
         raise refuse("it contains whitespace, control characters or backslashes")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced or invalid bracketed host
+        raise refuse(f"not a valid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         raise refuse(f"scheme {scheme or '(none)'!r} is not one of {', '.join(schemes)}")
@@ -232,6 +235,8 @@ def _normalise_host(raw: str, refuse: _Refuse) -> tuple[str, IPAddress | None]:
     if not host:
         raise refuse("no host")
     if ":" in host:  # urlsplit only gives colons for a bracketed IPv6 literal
+        if "%" in host:
+            raise refuse("IPv6 zone ids are not allowed")
         try:
             return host, ipaddress.IPv6Address(host)
         except ValueError:

@@ -227,7 +227,10 @@ def candidates(datasets: Iterable[DatasetRef]) -> list[DatasetRef]:
 
 def _local_path(location: str) -> str | None:
     """The path of a local location (`/abs/path` or `file:` URI), else None."""
-    parts = urlsplit(location)
+    try:
+        parts = urlsplit(location)
+    except ValueError:  # an invalid bracketed host
+        return None
     if parts.scheme == "" and not parts.netloc:
         return location
     if parts.scheme.lower() == "file" and parts.netloc in ("", "localhost"):
@@ -245,9 +248,9 @@ def unsupported(ref: DatasetRef) -> str | None:
         return f"dataset {ref.name!r}: path traversal ('..') in source {location!r}"
     if _local_path(location) is not None:
         return None
-    scheme = urlsplit(location).scheme.lower()
+    scheme = location.split(":", 1)[0].lower() if ":" in location else ""
     if scheme in ("http", "https"):
-        return None
+        return None  # the URL itself is checked (`outbound`) right before it is fetched
     return (
         f"dataset {ref.name!r}: source {location!r} is not a local file or an http(s) URL; "
         f"log the data as Parquet under {REFERENCE_ARTIFACT_PATH}/ in the training run instead"
