@@ -17,7 +17,8 @@ from stagegate.outbound import check_url, resolve_url
 class Listener:
     """A real HTTP server on 127.0.0.1 that records every request it gets.
 
-    `routes` maps a path to (status, headers, body); other paths answer 404."""
+    `routes` maps a path to (status, headers, body); other paths answer 404. A header
+    `X-No-Length` leaves out Content-Length: the body then ends when the connection closes."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []  # (path, Host header)
@@ -31,7 +32,8 @@ class Listener:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                if "X-No-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -206,7 +208,7 @@ def test_allowed_hosts_open_private_hosts_but_never_metadata() -> None:
     with pytest.raises(InvalidInput, match="loopback"):
         check_url("http://127.0.0.1:9/x", allowed_hosts=frozenset({"localhost"}))  # exact host
     for host in ("169.254.169.254", "metadata.google.internal", "169.254.1.1"):
-        with pytest.raises(InvalidInput, match="metadata|link-local"):
+        with pytest.raises(InvalidInput, match=r"metadata|link-local"):
             check_url(f"http://{host}/", allowed_hosts=frozenset({host}))
 
 
