@@ -109,6 +109,8 @@ class Demo:
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import train_test_split
 
+        from stagegate.registry.mlflow import log_reference
+
         x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, random_state=7)
         frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(20)])
         x_tr, x_te, y_tr, y_te = train_test_split(frame, y, test_size=0.3, random_state=7)
@@ -122,10 +124,12 @@ class Demo:
             mlflow.log_params({"C": c, "model": "logistic_regression"})
             mlflow.log_metric("accuracy", accuracy)
             data: Any = mlflow.data
+            training = x_tr.assign(target=y_tr)
             mlflow.log_input(
-                data.from_pandas(x_tr.assign(target=y_tr), name="fraud-train", targets="target"),
+                data.from_pandas(training, name="fraud-train", targets="target"),
                 context="training",
             )
+            log_reference(training)  # what the drift monitor compares live traffic with
             info: Any = mlflow.sklearn.log_model(
                 model,
                 name="model",
