@@ -19,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from stagegate.errors import InvalidInput, NoReference, NotFoundError, RetryableError
+from stagegate.registry import reference
 from stagegate.registry.mlflow import MlflowRegistry, log_reference
 from stagegate.registry.protocol import DatasetRef, ModelRegistry
 from tests.fakes import FakeRegistry
@@ -306,6 +307,21 @@ def test_folder_dataset_source(side: MlflowSide | FakeSide, tmp_path: Path) -> N
     made = side.make(datasets=(("train", str(folder), "training"),))
 
     assert load(made).num_rows == 25
+
+
+def test_a_folder_is_walked_within_bounds(
+    side: MlflowSide | FakeSide, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "train"
+    (folder / "sub").mkdir(parents=True)
+    training_frame(10).to_parquet(folder / "sub" / "part-0.parquet", index=False)
+    (folder / "linked.parquet").symlink_to(folder / "sub" / "part-0.parquet")  # not followed
+    made = side.make(datasets=(("train", str(folder), "training"),))
+    assert load(made).num_rows == 10
+
+    monkeypatch.setattr(reference, "MAX_FOLDER_ENTRIES", 2)
+    with pytest.raises(NoReference, match="holds over 2 entries"):
+        load(made)
 
 
 # -- refusals --------------------------------------------------------------------------------

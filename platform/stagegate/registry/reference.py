@@ -10,6 +10,7 @@ errors, 5xx) are `RetryableError`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ TRAINING_CONTEXT = "training"
 MAX_REFERENCE_BYTES = 2 << 30
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv",)
+MAX_FOLDER_ENTRIES = 10_000  # a source like `/` must not walk the whole disk
 HTTP_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 MAX_REDIRECTS = 3
 _CHUNK_BYTES = 1 << 20
@@ -111,13 +113,7 @@ def read_local(
         allowed = ", ".join(str(root) for root in roots) or "(none)"
         raise NoReference(f"{what}: {path!r} is outside the allowed folders ({allowed})")
     if real.is_dir():
-        files = sorted(
-            f
-            for f in real.rglob("*")
-            if f.suffix.lower() in PARQUET_SUFFIXES
-            and f.is_file()
-            and f.resolve().is_relative_to(real)
-        )
+        files = _parquet_files_under(real, path, what)
         if not files:
             raise NoReference(f"{what}: folder {path!r} holds no Parquet files")
         return read_parquet_files(files, max_bytes=max_bytes, what=what)
@@ -130,6 +126,21 @@ def read_local(
         f"{what}: {path!r} is not a Parquet (.parquet, .pq) or CSV (.csv) file, "
         "nor a folder of Parquet files"
     )
+
+
+def _parquet_files_under(root: Path, shown: str, what: str) -> list[Path]:
+    """The Parquet files in a folder tree, in path order; symlinks inside are not followed."""
+    files: list[Path] = []
+    seen = 0
+    for folder, dirs, names in os.walk(root):
+        seen += len(dirs) + len(names)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise NoReference(f"{what}: folder {shown!r} holds over {MAX_FOLDER_ENTRIES} entries")
+        for name in names:
+            file = Path(folder, name)
+            if file.suffix.lower() in PARQUET_SUFFIXES and not file.is_symlink() and file.is_file():
+                files.append(file)
+    return sorted(files)
 
 
 # -- reading URLs --------------------------------------------------------------------------
