@@ -137,11 +137,11 @@ def _mlflow_source_json(source: str | None) -> str:
 
 
 @pytest.fixture(params=["mlflow", "fake"])
-def side(request: pytest.FixtureRequest) -> MlflowSide | FakeSide:
-    if request.param == "fake":
-        return FakeSide()  # starts no MLflow server
-    server: MlflowServer = request.getfixturevalue("mlflow_server")
-    return MlflowSide(server, request.getfixturevalue("client"))
+def side(
+    request: pytest.FixtureRequest, mlflow_server: MlflowServer, client: MlflowClient
+) -> MlflowSide | FakeSide:
+    # Both sides name the server fixture, so every case here counts as starting a process.
+    return MlflowSide(mlflow_server, client) if request.param == "mlflow" else FakeSide()
 
 
 @pytest.fixture
