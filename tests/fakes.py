@@ -9,8 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from stagegate.errors import NotFoundError
+import pyarrow as pa
+
+from stagegate.errors import NoReference, NotFoundError
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
+from stagegate.registry import reference
 from stagegate.registry.protocol import DatasetRef, RegistryVersion, VersionRef
 from stagegate.serving.backends.protocol import DeploymentState, ServedVersion
 
@@ -22,8 +25,20 @@ class FakeRegistry:
     aliases: dict[str, dict[str, int]] = field(default_factory=dict)
     stage_tags: dict[tuple[str, int], str] = field(default_factory=dict)
     mirror_calls: int = 0
+    # What `log_reference` would have logged in the version's run (the artifact convention).
+    references: dict[tuple[str, int], pa.Table] = field(default_factory=dict)
 
-    def add(self, name: str, version: int, *, creator: str = "dana", accuracy: float = 0.9) -> None:
+    def add(
+        self,
+        name: str,
+        version: int,
+        *,
+        creator: str = "dana",
+        accuracy: float = 0.9,
+        datasets: tuple[DatasetRef, ...] | None = None,
+    ) -> None:
+        if datasets is None:
+            datasets = (DatasetRef("train", f"d{version}", "file:///train.csv", "training"),)
         self.versions[(name, version)] = RegistryVersion(
             name=name,
             version=version,
@@ -32,7 +47,7 @@ class FakeRegistry:
             creator=creator,
             created_at=datetime.now(UTC),
             metrics={"accuracy": accuracy},
-            datasets=(DatasetRef("train", f"d{version}", "file:///train.csv", "training"),),
+            datasets=datasets,
         )
         self.digests[(name, version)] = f"{version:064x}"
 
@@ -61,6 +76,25 @@ class FakeRegistry:
 
     def ensure_webhook(self, url: str, secret: str, events: list[str]) -> str:
         return "fake-webhook"
+
+    def load_reference(self, name: str, version: int) -> pa.Table:
+        """As `MlflowRegistry`: the logged reference, else the datasets' sources, read for real
+        by the same code (`registry/reference.py`)."""
+        got = self.get_version(name, version)
+        what = f"model version {name}/{version}"
+        if got.run_id is None:
+            raise NoReference(f"{what} has no training run to take reference data from")
+        if (name, version) in self.references:
+            return self.references[(name, version)]
+        return reference.read_datasets(got.datasets, what=f"reference of {what}")
+
+    def describe_reference(self, name: str, version: int) -> str | None:
+        got = self.get_version(name, version)
+        if got.run_id is None:
+            return None
+        if (name, version) in self.references:
+            return f"runs:/{got.run_id}/{reference.REFERENCE_ARTIFACT_PATH}"
+        return reference.describe_datasets(got.datasets)
 
     def swap_artifact(self, name: str, version: int) -> None:
         self.digests[(name, version)] = "f" * 64

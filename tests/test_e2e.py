@@ -18,6 +18,7 @@ from stagegate import embedded, stack
 from stagegate.db import make_engine, transaction
 from stagegate.governance import tokens
 from stagegate.lifecycle.stages import Role
+from stagegate.registry.mlflow import MlflowRegistry
 from stagegate.settings import (
     ApiSettings,
     MlflowSettings,
@@ -162,6 +163,11 @@ def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[st
     assert v["run_id"] == run_id
     assert len(v["digest"]) == 64
     assert v["datasets"], "intake records the training dataset"
+    registry = MlflowRegistry(live.mlflow.tracking_uri)
+    assert registry.describe_reference(MODEL, version) == f"runs:/{run_id}/stagegate/reference"
+    reference = registry.load_reference(MODEL, version)  # the training frame, logged as Parquet
+    assert reference.column_names == [*(f"f{i}" for i in range(6)), "target"]
+    assert reference.num_rows == 200
 
     def stage() -> str:
         r = api.get(f"/api/v1/models/{MODEL}/versions/{version}", headers=who["vic"])

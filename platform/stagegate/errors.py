@@ -54,6 +54,7 @@ class PermanentError(StagegateError):
 
 
 class NoReference(StagegateError):
-    """No reference data (training frame) can be read for a version: a verdict, not a fault."""
+    """A version has no reference data Stagegate can read; `detail` says why. The drift
+    monitor reports the verdict "no reference" rather than failing."""
 
     code = "no_reference"

@@ -17,15 +17,19 @@ process-wide `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_BACKOFF_FACTOR` / `_TIMEOUT` 
 
 from __future__ import annotations
 
+import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, cast
 from urllib.parse import urlparse
 
+import mlflow
 import mlflow.artifacts
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from mlflow import MlflowClient
 from mlflow.exceptions import ERROR_CODE_TO_HTTP_STATUS, MlflowException
 
@@ -33,12 +37,14 @@ from stagegate.artifacts import tree_digest
 from stagegate.errors import (
     ConflictError,
     InvalidInput,
+    NoReference,
     NotFoundError,
     PermanentError,
     RetryableError,
     StagegateError,
 )
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
+from stagegate.registry import reference
 from stagegate.registry.protocol import (
     DEPENDS_ON_TAG,
     STAGE_TAG,
@@ -55,6 +61,9 @@ DATASET_CONTEXT_TAG = "mlflow.data.context"
 
 _SEARCH_PAGE_SIZE = 1000
 _WEBHOOK_PAGE_SIZE = 100
+# Bounds on walking `stagegate/reference/`: a reference is a handful of files, not a tree.
+_REFERENCE_MAX_FILES = 10_000
+_REFERENCE_MAX_DEPTH = 8
 
 _NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
 _INVALID_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
@@ -154,17 +163,33 @@ def _datasets(run: Any) -> tuple[DatasetRef, ...]:
                 digest=str(dataset.digest),
                 source=str(dataset.source),
                 context=tags.get(DATASET_CONTEXT_TAG),
+                source_type=str(dataset.source_type or "") or None,
             )
         )
     return tuple(refs)
 
 
 class MlflowRegistry:
-    """`ModelRegistry` over an MLflow tracking server (tracking and registry at one URI)."""
+    """`ModelRegistry` over an MLflow tracking server (tracking and registry at one URI).
 
-    def __init__(self, tracking_uri: str) -> None:
+    Reference data (`load_reference`) is capped at `reference_max_bytes`; an http(s) dataset
+    source may be on a private network only with `reference_allow_private`; local dataset
+    sources must lie under one of `reference_local_roots` when it is given.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        reference_max_bytes: int = reference.MAX_REFERENCE_BYTES,
+        reference_allow_private: bool = False,
+        reference_local_roots: Sequence[Path] | None = None,
+    ) -> None:
         self._tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.reference_max_bytes = reference_max_bytes
+        self.reference_allow_private = reference_allow_private
+        self.reference_local_roots = reference_local_roots
 
     @property
     def tracking_uri(self) -> str:
@@ -297,6 +322,100 @@ class MlflowRegistry:
                 self._client.delete_webhook(duplicate.webhook_id)
             return str(keep.webhook_id)
 
+    def load_reference(self, name: str, version: int) -> pa.Table:
+        what, run_id, datasets = self._training_run(name, version)
+        files = self._reference_artifacts(run_id, what)
+        if files:
+            return self._read_artifacts(run_id, files, what)
+        return reference.read_datasets(
+            datasets,
+            max_bytes=self.reference_max_bytes,
+            allow_private=self.reference_allow_private,
+            local_roots=self.reference_local_roots,
+            what=f"reference of {what}",
+        )
+
+    def describe_reference(self, name: str, version: int) -> str | None:
+        try:
+            what, run_id, datasets = self._training_run(name, version)
+            if self._reference_artifacts(run_id, what):
+                return f"runs:/{run_id}/{reference.REFERENCE_ARTIFACT_PATH}"
+        except NoReference:
+            return None
+        return reference.describe_datasets(datasets)
+
+    def _training_run(self, name: str, version: int) -> tuple[str, str, tuple[DatasetRef, ...]]:
+        """(a label for messages, the version's run id, the run's datasets); NoReference when
+        the version has no run left."""
+        _check_name(name)
+        _check_version(version)
+        what = f"model version {name}/{version}"
+        with _mlflow_errors(what):
+            mv: Any = self._client.get_model_version(name, str(version))
+        run_id = cast(str | None, mv.run_id) or None
+        if run_id is None:
+            raise NoReference(f"{what} has no training run to take reference data from")
+        try:
+            with _mlflow_errors(f"run {run_id} of {what}"):
+                run: Any = self._client.get_run(run_id)
+        except NotFoundError:
+            raise NoReference(f"the training run {run_id} of {what} no longer exists") from None
+        return what, run_id, _datasets(run)
+
+    def _reference_artifacts(self, run_id: str, what: str) -> list[tuple[str, int]]:
+        """(path, size) of every Parquet file under `stagegate/reference/` in the run."""
+        found: list[tuple[str, int]] = []
+        pending = [(reference.REFERENCE_ARTIFACT_PATH, 0)]
+        while pending:
+            folder, depth = pending.pop()
+            try:
+                with _mlflow_errors(f"artifacts of run {run_id} of {what}"):
+                    entries: list[Any] = self._client.list_artifacts(run_id, folder)
+            except OSError as exc:
+                raise RetryableError(f"listing artifacts of run {run_id}: {exc}") from exc
+            for entry in entries:
+                path = str(entry.path)
+                if reference.has_traversal(path):
+                    continue  # only a broken artifact store would list such a path
+                if entry.is_dir:
+                    if depth + 1 >= _REFERENCE_MAX_DEPTH:
+                        raise NoReference(
+                            f"reference of {what}: {reference.REFERENCE_ARTIFACT_PATH}/ is "
+                            f"nested deeper than {_REFERENCE_MAX_DEPTH} folders"
+                        )
+                    pending.append((path, depth + 1))
+                elif path.lower().endswith(reference.PARQUET_SUFFIXES):
+                    found.append((path, int(entry.file_size or 0)))
+            if len(found) > _REFERENCE_MAX_FILES:
+                raise NoReference(
+                    f"reference of {what}: over {_REFERENCE_MAX_FILES} files under "
+                    f"{reference.REFERENCE_ARTIFACT_PATH}/"
+                )
+        return sorted(found)
+
+    def _read_artifacts(self, run_id: str, files: list[tuple[str, int]], what: str) -> pa.Table:
+        label = f"reference of {what} (runs:/{run_id}/{reference.REFERENCE_ARTIFACT_PATH})"
+        stored = sum(size for _, size in files)
+        if stored > self.reference_max_bytes:
+            raise NoReference(
+                f"{label} is {reference.gib(stored)}, over the "
+                f"{reference.gib(self.reference_max_bytes)} reference cap"
+            )
+        with tempfile.TemporaryDirectory(prefix="stagegate-reference-") as tmp:
+            local: list[Path] = []
+            for path, _ in files:
+                folder = Path(tmp, posixpath.dirname(path))
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    with _mlflow_errors(f"artifact {path} of run {run_id}"):
+                        got = self._client.download_artifacts(run_id, path, str(folder))
+                    local.append(Path(got))
+                except OSError as exc:
+                    raise RetryableError(f"downloading {path} of run {run_id}: {exc}") from exc
+            return reference.read_parquet_files(
+                local, max_bytes=self.reference_max_bytes, what=label
+            )
+
     def _webhooks(self) -> list[Any]:
         hooks: list[Any] = []
         token: str | None = None
@@ -306,3 +425,29 @@ class MlflowRegistry:
             token = cast(str | None, page.token) or None
             if token is None:
                 return hooks
+
+
+def log_reference(frame: Any, *, artifact_path: str = reference.REFERENCE_ARTIFACT_PATH) -> str:
+    """Log `frame` (a pandas DataFrame or a pyarrow Table) as Parquet into the active MLflow
+    run, where `load_reference` finds it: call it next to `log_model` in training code.
+    Returns the artifact's `runs:/` URI. The pandas index is not kept."""
+    import pandas as pd
+
+    if isinstance(frame, pa.Table):
+        table = frame
+    elif isinstance(frame, pd.DataFrame):
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    else:
+        raise InvalidInput(
+            f"log_reference takes a pandas DataFrame or a pyarrow Table, not {type(frame)!r}"
+        )
+    if artifact_path.startswith("/") or reference.has_traversal(artifact_path):
+        raise InvalidInput(f"artifact_path {artifact_path!r} must be relative, without '..'")
+    run = mlflow.active_run()
+    if run is None:
+        raise InvalidInput("log_reference needs an active MLflow run (inside mlflow.start_run())")
+    with tempfile.TemporaryDirectory(prefix="stagegate-reference-") as tmp:
+        path = Path(tmp, "reference.parquet")
+        pq.write_table(table, path)
+        mlflow.log_artifact(str(path), artifact_path)
+    return f"runs:/{run.info.run_id}/{artifact_path.strip('/')}/reference.parquet"

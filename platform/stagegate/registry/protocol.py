@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from stagegate.lifecycle.stages import Stage
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # type: ignore[import-untyped]
 
 STAGE_TAG = "stagegate.stage"
 DEPENDS_ON_TAG = "stagegate.depends_on"
@@ -22,12 +25,15 @@ def valid_model_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """A dataset a training run consumed (MLflow `log_input`)."""
+    """A dataset a training run consumed (MLflow `log_input`). `source` is MLflow's source
+    JSON (`{"uri": ...}` for files and object stores, `{"url": ...}` for http) or a plain
+    location; `source_type` is MLflow's kind of source (`local`, `http`, `s3`, `code`, ...)."""
 
     name: str
     digest: str
     source: str
     context: str | None = None
+    source_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,4 +80,16 @@ class ModelRegistry(Protocol):
 
     def ensure_webhook(self, url: str, secret: str, events: list[str]) -> str:
         """Create or update Stagegate's registry webhook; return its id. Idempotent."""
+        ...
+
+    def load_reference(self, name: str, version: int) -> pa.Table:
+        """The version's reference data (docs/monitoring.md, "Reference data"): the Parquet
+        under `stagegate/reference/` in its training run, else its training dataset's source.
+        NoReference with the reason when there is none that can be read; NotFoundError if the
+        version is absent."""
+        ...
+
+    def describe_reference(self, name: str, version: int) -> str | None:
+        """Where `load_reference` would read from (an artifact URI, a path or a URL), without
+        reading it; None if nowhere."""
         ...
