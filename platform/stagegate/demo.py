@@ -170,7 +170,7 @@ class Demo:
         frame["channel"] = np.where(
             rng.random(len(y)) < 0.3 + 0.2 * y, "web", rng.choice(["store", "phone"], len(y))
         )
-        return tuple(train_test_split(frame, y, test_size=0.3, random_state=7))  # type: ignore[return-value]
+        return tuple(train_test_split(frame, y, test_size=0.3, random_state=7))
 
     def register(self, c: float) -> tuple[int, float]:
         """Train a logistic regression (stronger with higher C) and register it, logging its

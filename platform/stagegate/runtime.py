@@ -35,7 +35,13 @@ class Runtime:
     def registry(self) -> ModelRegistry:
         from stagegate.registry.mlflow import MlflowRegistry
 
-        return MlflowRegistry(self.settings.mlflow.tracking_uri)
+        ref = self.settings.reference
+        return MlflowRegistry(
+            self.settings.mlflow.tracking_uri,
+            reference_max_bytes=ref.max_bytes,
+            reference_allow_private=ref.allow_private_hosts,
+            reference_local_roots=ref.local_roots,
+        )
 
 
 def monitor(rt: Runtime) -> Monitor:

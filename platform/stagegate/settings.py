@@ -126,6 +126,23 @@ class AlertSettings(BaseModel):
     backoff_s: float = Field(default=0.5, ge=0, le=60, description="Wait before the 2nd try.")
 
 
+class ReferenceSettings(BaseModel):
+    """Where the drift monitor may read a version's reference data from (docs/monitoring.md)."""
+
+    max_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="A larger reference is refused: 'no reference'."
+    )
+    allow_private_hosts: bool = Field(
+        default=False,
+        description="Allow http(s) dataset sources on private and loopback hosts.",
+    )
+    local_roots: list[Path] | None = Field(
+        default=None,
+        description="Local dataset sources must lie under one of these folders; None: any "
+        "path (anyone who can write MLflow runs can then point the monitor at a local file).",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STAGEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -145,6 +162,7 @@ class Settings(BaseSettings):
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
 
     @model_validator(mode="after")
     def _refuse_dev_defaults_in_prod(self) -> Settings:
