@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request, status
 
 from stagegate.api import schemas
 from stagegate.api.deps import SessionDep, StateDep
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
 from stagegate.errors import InvalidInput
 from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
@@ -20,6 +21,38 @@ from stagegate.registry.protocol import valid_model_name
 router = APIRouter(prefix="/api/v1/events", tags=["events"])
 
 MAX_BODY = 256 * 1024
+
+# The route reads the raw body (the signature covers its bytes), so FastAPI cannot see what it
+# expects: declared here for clients and the fuzzer. Unsigned requests never get past 401.
+_DELIVERY_SPEC: dict[str, Any] = {
+    "parameters": [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+        for name in ("x-mlflow-delivery-id", "x-mlflow-timestamp", "x-mlflow-signature")
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["entity", "action", "data"],
+                    "properties": {
+                        "entity": {"type": "string", "description": "e.g. `model_version`"},
+                        "action": {"type": "string", "description": "e.g. `created`"},
+                        "data": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "version": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    },
+}
 
 
 async def signed_delivery(request: Request, state: StateDep) -> tuple[DeliveryHeaders, bytes]:
@@ -56,7 +89,12 @@ def _parse(body: bytes) -> tuple[str, str, dict[str, Any]]:
     return entity, action, data
 
 
-@router.post("/mlflow", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/mlflow",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=responses(401, 409, 413, 422, 503),
+    openapi_extra=_DELIVERY_SPEC,
+)
 def mlflow_webhook(
     session: SessionDep,
     state: StateDep,

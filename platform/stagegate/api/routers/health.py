@@ -6,13 +6,14 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from stagegate.api.deps import SessionDep
+from stagegate.api.errors import responses
 
 router = APIRouter(prefix="/api", tags=["health"])
 
 PUBLIC_PATHS = frozenset({"/api/health"})
 
 
-@router.get("/health")
+@router.get("/health", responses=responses(503))
 def health(session: SessionDep) -> dict[str, str]:
     session.execute(text("SELECT 1"))
     return {"status": "ok"}

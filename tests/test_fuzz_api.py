@@ -1,0 +1,236 @@
+"""Schemathesis fuzzes the governance API in process, with a valid token for each role.
+
+Every answer must be a status the OpenAPI document declares, with a body that matches the
+declared schema, and never a server error. Each operation gets schema-driven cases (boundary
+values, then random valid and invalid ones); then linked sequences run (list models, open a
+transition, approve it...). The database is real SQLite, seeded through the real services.
+
+`make test` runs the default profile: about 300 cases, the same ones every run.
+`make fuzz` sets `STAGEGATE_FUZZ_CASES=10000`: at least that many, different on every run.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from fastapi.routing import APIRoute
+from hypothesis import HealthCheck, seed, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.python.asgi import ASGIClient
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from sqlalchemy.engine import Engine
+
+from stagegate.api.app import ROUTERS, create_app
+from stagegate.api.deps import ANYONE
+from stagegate.db import make_engine, transaction, utcnow
+from stagegate.events.sink import MemorySink
+from stagegate.governance import transitions
+from stagegate.governance.models import TransitionStatus
+from stagegate.governance.tokens import Principal
+from stagegate.lifecycle.stages import Role
+from stagegate.migrate import upgrade
+from stagegate.settings import Settings
+from stagegate.steps.apply import apply_transition
+from stagegate.steps.intake import intake
+from tests.factories import Factory
+from tests.fakes import FakeRegistry
+
+# An explicit size explores (new cases each run); the default profile repeats itself, so
+# `make test` is not flaky. Either way the failing case is printed, shrunk.
+CASES = int(os.environ.get("STAGEGATE_FUZZ_CASES", "300"))
+EXPLORE = "STAGEGATE_FUZZ_CASES" in os.environ
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    response_schema_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+]
+# Callers: no token at all, then one token per role.
+ROLES: tuple[Role | None, ...] = (None, *ANYONE)
+
+
+def _schema_source() -> Any:
+    """The app the OpenAPI document is read from at collection; requests go to `target`."""
+    return create_app(
+        Settings(home=Path("/nonexistent/stagegate-fuzz")),
+        engine=make_engine("sqlite://"),
+        sink=MemorySink(),
+    )
+
+
+schema = schemathesis.openapi.from_asgi("/api/openapi.json", _schema_source())
+OPERATIONS = sum(1 for result in schema.get_all_operations() if result.ok())
+# Half the budget goes to single operations (boundary cases come on top), half to sequences.
+PER_OPERATION = max(10, CASES // (2 * OPERATIONS))
+
+
+@dataclass
+class Target:
+    client: ASGIClient
+    tokens: dict[Role, dict[str, str]]
+    answers: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    @property
+    def cases(self) -> int:
+        return sum(self.answers.values())
+
+    def headers(self, case: schemathesis.Case) -> dict[str, str]:
+        """The caller of this case: a function of its input, so Hypothesis can replay it."""
+        key = repr((case.operation.label, case.path_parameters, case.query, case.body))
+        role = ROLES[zlib.crc32(key.encode()) % len(ROLES)]
+        return {} if role is None else self.tokens[role]
+
+    def call(self, case: schemathesis.Case) -> None:
+        response = case.call_and_validate(
+            session=self.client, headers=self.headers(case), checks=CHECKS
+        )
+        self.answers[(case.operation.label, response.status_code)] += 1
+
+
+def _seed(engine: Engine) -> None:
+    """Two fraud versions from intake (v1 applied to shadow, v2 pending) and a ranker on v1."""
+    registry, sink = FakeRegistry(), MemorySink()
+    for version in (1, 2):
+        registry.add("fraud", version)
+        intake(engine, registry, sink, "fraud", version)
+    with transaction(engine) as s:
+        pending = transitions.list_transitions(
+            s, model="fraud", status=TransitionStatus.pending, offset=0, limit=10
+        )
+        first = next(t.id for t in pending if t.version == 1)
+        transitions.decide(
+            s,
+            principal=Principal("alice", Role.approver),
+            transition_id=first,
+            decision="approve",
+            comment="seed",
+            now=utcnow(),
+        )
+    apply_transition(engine, registry, first)
+    Factory(engine).version("ranker", 1, depends_on=(("fraud", 1),))
+
+
+@pytest.fixture(scope="module")
+def target(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Target]:
+    home = tmp_path_factory.mktemp("fuzz")
+    url = f"sqlite:///{home / 'governance.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    _seed(engine)
+    factory = Factory(engine)
+    tokens = {role: factory.token(f"fuzz-{role.value}", role) for role in ANYONE}
+    app = create_app(Settings(home=home / "home"), engine=engine, sink=MemorySink())
+    with ASGIClient(app) as client:
+        found = Target(client, tokens)
+        yield found
+    engine.dispose()
+    statuses: Counter[int] = Counter()
+    for (_, status), n in found.answers.items():
+        statuses[status] += n
+    summary = (
+        f"fuzz: {found.cases} cases over {OPERATIONS} operations; "
+        f"answers by status {dict(sorted(statuses.items()))}"
+    )
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():  # shown even though output is captured
+            reporter.write_line("\n" + summary)
+
+
+# The database is shared and changes as cases run, so the same input may meet another state.
+FUZZ_SETTINGS = settings(
+    max_examples=PER_OPERATION,
+    deadline=None,
+    database=None,
+    derandomize=not EXPLORE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+@schema.parametrize()
+@FUZZ_SETTINGS
+def test_each_operation(case: schemathesis.Case, target: Target) -> None:
+    target.call(case)
+
+
+def test_linked_sequences(target: Target) -> None:
+    """Stateful phase: chains that feed one answer into the next call, until the budget."""
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"session": target.client, "headers": target.headers(case)}
+
+        def validate_response(
+            self, response: Any, case: schemathesis.Case, **kwargs: Any
+        ) -> None:
+            target.answers[(case.operation.label, response.status_code)] += 1
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+    before = target.cases
+    rounds = 0
+    while target.cases < CASES or target.cases == before:
+        # A new seed each round, unless exploring: then Hypothesis draws its own.
+        machine = Workflow if EXPLORE else seed(rounds)(lambda: Workflow())
+        run_settings = settings(
+            max_examples=max(10, (CASES - target.cases) // 10),
+            stateful_step_count=10,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        )
+        schemathesis.stateful.run_state_machine_as_test(machine, settings=run_settings)
+        rounds += 1
+    assert target.cases >= CASES
+
+
+def _routes() -> list[APIRoute]:
+    return [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+
+
+def _guard(route: APIRoute) -> frozenset[Role] | None:
+    """The roles the route's authorization dependency lets in (None: no role check)."""
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dep = stack.pop()
+        roles = getattr(dep.call, "__stagegate_roles__", None)
+        if roles is not None:
+            return frozenset(roles)
+        stack.extend(dep.dependencies)
+    return None
+
+
+@pytest.mark.parametrize("route", _routes(), ids=lambda r: f"{sorted(r.methods)[0]} {r.path}")
+def test_shared_errors_are_declared_where_they_apply(route: APIRoute) -> None:
+    """What shared parts answer: tokens 401, roles 403, the body limits 413/422, the DB 503.
+
+    The fuzzer finds the rest; this catches a new route before any case reaches it.
+    """
+    declared = {int(s) for s in route.responses if str(s).isdigit()}
+    needed = {503}
+    if route.path != "/api/health":
+        needed.add(401)
+    roles = _guard(route)
+    if roles is not None and roles != frozenset(ANYONE):
+        needed.add(403)
+    if route.body_field is not None or "requestBody" in (route.openapi_extra or {}):
+        needed |= {413, 422}
+    if route.dependant.query_params or route.dependant.path_params:
+        needed.add(422)
+    assert needed <= declared, f"undeclared: {sorted(needed - declared)}"
