@@ -12,9 +12,11 @@ transition, approve it...). The database is real SQLite, seeded through the real
 from __future__ import annotations
 
 import os
+import sqlite3
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,16 +84,31 @@ PER_OPERATION = max(10, CASES // (2 * OPERATIONS))
 class Target:
     client: ASGIClient
     tokens: dict[Role, dict[str, str]]
+    engine: Engine
+    seeded: Path  # a copy of the database as seeded
     answers: Counter[tuple[str, int]] = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        """Back to the seeded database, so a replayed sequence meets the same state."""
+        raw = self.engine.raw_connection()
+        try:
+            with closing(sqlite3.connect(self.seeded)) as source:
+                source.backup(raw.driver_connection)  # type: ignore[arg-type]
+        finally:
+            raw.close()
 
     @property
     def cases(self) -> int:
         return sum(self.answers.values())
 
-    def headers(self, case: schemathesis.Case) -> dict[str, str]:
-        """The caller of this case: a function of its input, so Hypothesis can replay it."""
-        key = repr((case.operation.label, case.path_parameters, case.query, case.body))
-        role = ROLES[zlib.crc32(key.encode()) % len(ROLES)]
+    def headers(self, case: schemathesis.Case, step: int | None = None) -> dict[str, str]:
+        """The caller: the next role at each step of a sequence (an author requests, then an
+        approver decides...), else a function of the input. Either way Hypothesis can replay it.
+        """
+        if step is None:
+            key = repr((case.operation.label, case.path_parameters, case.query, case.body))
+            step = zlib.crc32(key.encode())
+        role = ROLES[step % len(ROLES)]
         return {} if role is None else self.tokens[role]
 
     def call(self, case: schemathesis.Case) -> None:
@@ -135,9 +152,16 @@ def target(
     _seed(engine)
     factory = Factory(engine)
     tokens = {role: factory.token(f"fuzz-{role.value}", role) for role in ANYONE}
+    seeded = home / "seeded.db"
+    raw = engine.raw_connection()
+    try:
+        with closing(sqlite3.connect(seeded)) as copy:
+            raw.driver_connection.backup(copy)  # type: ignore[union-attr]
+    finally:
+        raw.close()
     app = create_app(Settings(home=home / "home"), engine=engine, sink=MemorySink())
     with ASGIClient(app) as client:
-        found = Target(client, tokens)
+        found = Target(client, tokens, engine, seeded)
         yield found
     engine.dispose()
     statuses: Counter[int] = Counter()
@@ -147,6 +171,11 @@ def target(
         f"fuzz: {found.cases} cases over {OPERATIONS} operations; "
         f"answers by status {dict(sorted(statuses.items()))}"
     )
+    if EXPLORE:  # `make fuzz`: how far the cases got, operation by operation
+        by_operation: dict[str, dict[int, int]] = {}
+        for (label, status), n in sorted(found.answers.items()):
+            by_operation.setdefault(label, {})[status] = n
+        summary += "".join(f"\n  {label}: {counts}" for label, counts in by_operation.items())
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if capture is not None and reporter is not None:
@@ -174,12 +203,16 @@ def test_linked_sequences(target: Target) -> None:
     """Stateful phase: chains that feed one answer into the next call, until the budget."""
 
     class Workflow(schema.as_state_machine()):  # type: ignore[misc]
-        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
-            return {"session": target.client, "headers": target.headers(case)}
+        def setup(self) -> None:
+            # Links follow what the answers hold, so each sequence starts from the same state.
+            target.reset()
+            self.calls = 0
 
-        def validate_response(
-            self, response: Any, case: schemathesis.Case, **kwargs: Any
-        ) -> None:
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            self.calls += 1
+            return {"session": target.client, "headers": target.headers(case, self.calls)}
+
+        def validate_response(self, response: Any, case: schemathesis.Case, **kwargs: Any) -> None:
             target.answers[(case.operation.label, response.status_code)] += 1
             case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
 
@@ -187,7 +220,7 @@ def test_linked_sequences(target: Target) -> None:
     rounds = 0
     while target.cases < CASES or target.cases == before:
         # A new seed each round, unless exploring: then Hypothesis draws its own.
-        machine = Workflow if EXPLORE else seed(rounds)(lambda: Workflow())
+        machine = Workflow if EXPLORE else seed(rounds)(Workflow)
         run_settings = settings(
             max_examples=max(10, (CASES - target.cases) // 10),
             stateful_step_count=10,

@@ -107,3 +107,46 @@ def test_limits_hold_on_a_real_server_too(live_api_url: str) -> None:
     """The same refusal over a real socket (uvicorn), where bodies arrive in chunks."""
     r = httpx.post(f"{live_api_url}/api/v1/feedback", content=b"x" * (3 << 20), trust_env=False)
     assert r.status_code == 413
+
+
+# Found by the fuzzer (tests/test_fuzz_api.py); each was a 500 or an undeclared status.
+
+
+def test_a_label_with_an_integer_beyond_64_bits_is_422(
+    client: TestClient, factory: Factory
+) -> None:
+    """The inference log stores labels as orjson does, which refuses such integers."""
+    item = {"request_id": "r1", "model": "fraud", "label": {"score": 2**64}}
+    r = client.post("/api/v1/feedback", json=item, headers=factory.token("svc", "service"))
+    assert r.status_code == 422, r.text
+    assert "64 bits" in r.text
+
+
+def test_a_body_that_is_not_utf8_is_422(client: TestClient, factory: Factory) -> None:
+    r = client.post(
+        "/api/v1/transitions",
+        content=b'{"model": "\xff\xfe"}',
+        headers={**factory.token("erin", "author"), "content-type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_request"
+    assert r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_production_of_an_unknown_model_is_a_declared_404(
+    client: TestClient, factory: Factory
+) -> None:
+    r = client.get("/api/v1/models/nope/production", headers=factory.token("vic", "viewer"))
+    assert r.status_code == 404
+    declared = client.get("/api/openapi.json").json()["paths"]
+    assert "404" in declared["/api/v1/models/{name}/production"]["get"]["responses"]
+
+
+def test_a_signed_delivery_with_an_absurd_timestamp_is_401(
+    client: TestClient, settings: Settings, sink: MemorySink
+) -> None:
+    body = b'{"entity":"model_version","action":"created","data":{"name":"a","version":1}}'
+    raw, headers = delivery(settings, body, ts=10**400)
+    r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
+    assert r.status_code == 401, r.text
+    assert sink.events == []

@@ -13,7 +13,7 @@ from stagegate.api.deps import SessionDep, StateDep
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
 from stagegate.errors import InvalidInput
-from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
+from stagegate.events.signature import DeliveryHeaders, InvalidDelivery, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
 from stagegate.governance.deliveries import accept_once
 from stagegate.registry.protocol import valid_model_name
@@ -21,6 +21,7 @@ from stagegate.registry.protocol import valid_model_name
 router = APIRouter(prefix="/api/v1/events", tags=["events"])
 
 MAX_BODY = 256 * 1024
+MAX_TIMESTAMP = 2**53  # unix seconds: any real one is far below, and a float holds it exactly
 
 # The route reads the raw body (the signature covers its bytes), so FastAPI cannot see what it
 # expects: declared here for clients and the fuzzer. Unsigned requests never get past 401.
@@ -61,6 +62,8 @@ async def signed_delivery(request: Request, state: StateDep) -> tuple[DeliveryHe
     if len(body) > MAX_BODY:
         raise InvalidInput(f"body over {MAX_BODY} bytes")
     headers = parse_headers({k.lower(): v for k, v in request.headers.items()})
+    if not 0 <= headers.timestamp <= MAX_TIMESTAMP:  # beyond a float, the skew check overflows
+        raise InvalidDelivery("x-mlflow-timestamp is out of range")
     verify(
         state.settings.webhook.secret,
         headers,

@@ -23,7 +23,21 @@ ModelName = Annotated[str, Path(min_length=1, max_length=128)]
 VersionNo = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
-@router.get("", responses=responses(401, 422, 503))
+# An OpenAPI link: a listed version can be put forward. Clients may follow it; the fuzzer's
+# linked sequences do, so they reach real transitions rather than unknown names.
+_REQUEST_A_MOVE = {
+    "operationRef": "#/paths/~1api~1v1~1transitions/post",
+    "requestBody": {
+        "model": "$response.body#/data/0/name",
+        "version": "$response.body#/data/0/versions/0/version",
+    },
+    "description": "Request a stage move for the first listed model's first version.",
+}
+
+
+@router.get(
+    "", responses={200: {"links": {"RequestMove": _REQUEST_A_MOVE}}, **responses(401, 422, 503)}
+)
 def list_models(
     session: SessionDep,
     _: Viewer,
