@@ -29,6 +29,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.python.asgi import ASGIClient
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -60,6 +61,7 @@ CHECKS = [
     response_schema_conformance,
     content_type_conformance,
     response_headers_conformance,
+    negative_data_rejection,  # input off the schema must be refused, never accepted
 ]
 # Callers: no token at all, then one token per role.
 ROLES: tuple[Role | None, ...] = (None, *ANYONE)

@@ -6,9 +6,12 @@ import json
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from stagegate.api.app import ROUTERS
 from stagegate.api.limits import json_depth_exceeds
+from stagegate.api.strict_json import StrictJsonRoute
 from stagegate.events.sink import MemorySink
 from stagegate.settings import Settings
 from tests.factories import Factory
@@ -150,3 +153,27 @@ def test_a_signed_delivery_with_an_absurd_timestamp_is_401(
     r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
     assert r.status_code == 401, r.text
     assert sink.events == []
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e400"])
+def test_json_beyond_rfc_8259_is_422_not_stored(
+    client: TestClient, factory: Factory, number: str
+) -> None:
+    """Python's parser takes these; inf passed `gt=0`, was stored, then echoed as `null`."""
+    admin = {**factory.token("root", "admin"), "content-type": "application/json"}
+    policy = client.get("/api/v1/models/*/policy", headers=admin).json()
+    body = json.dumps(policy).replace('"max_wait_s": 3600.0', f'"max_wait_s": {number}', 1)
+    assert number in body
+    r = client.put("/api/v1/models/*/policy", content=body, headers=admin)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+    assert client.get("/api/v1/models/*/policy", headers=admin).json() == policy
+    label = '{"request_id": "r1", "model": "fraud", "label": ' + number + "}"
+    r = client.post("/api/v1/feedback", content=label, headers=admin)
+    assert r.status_code == 422, r.text
+
+
+def test_every_route_parses_json_strictly() -> None:
+    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    assert routes
+    assert all(isinstance(r, StrictJsonRoute) for r in routes)

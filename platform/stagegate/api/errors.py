@@ -88,6 +88,14 @@ def _body(
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 
+def _message(error: dict[str, Any]) -> str:
+    message = str(error.get("msg"))
+    reason = (error.get("ctx") or {}).get("error")
+    if error.get("type") == "json_invalid" and reason:  # say what is wrong with the JSON
+        message = f"{message}: {reason}"
+    return message
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(StagegateError)
     async def _stagegate(_: Request, exc: StagegateError) -> JSONResponse:
@@ -100,7 +108,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type")}
             for e in exc.errors()
         ]
         return _body(errors, "invalid_request", 422)

@@ -10,9 +10,10 @@ from stagegate.api import schemas
 from stagegate.api.deps import SessionDep, Viewer
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
+from stagegate.api.strict_json import StrictJsonRoute
 from stagegate.governance import audit
 
-router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"], route_class=StrictJsonRoute)
 
 
 @router.get("", responses=responses(401, 422, 503))

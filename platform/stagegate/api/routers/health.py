@@ -7,8 +7,9 @@ from sqlalchemy import text
 
 from stagegate.api.deps import SessionDep
 from stagegate.api.errors import responses
+from stagegate.api.strict_json import StrictJsonRoute
 
-router = APIRouter(prefix="/api", tags=["health"])
+router = APIRouter(prefix="/api", tags=["health"], route_class=StrictJsonRoute)
 
 PUBLIC_PATHS = frozenset({"/api/health"})
 
