@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from stagegate.api.app import ROUTERS
 from stagegate.api.limits import json_depth_exceeds
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.events.sink import MemorySink
 from stagegate.settings import Settings
 from tests.factories import Factory
@@ -176,4 +176,20 @@ def test_json_beyond_rfc_8259_is_422_not_stored(
 def test_every_route_parses_json_strictly() -> None:
     routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
     assert routes
-    assert all(isinstance(r, StrictJsonRoute) for r in routes)
+    assert all(isinstance(r, StrictRoute) for r in routes)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/models?ofset=50", "/api/v1/transitions?limit=1&=null", "/api/health?x=1"]
+)
+def test_an_unknown_query_parameter_is_422_naming_it(
+    client: TestClient, factory: Factory, path: str
+) -> None:
+    """A typo such as `ofset` was ignored: the client read page one as if it were the next."""
+    factory.version("fraud", 1)
+    r = client.get(path, headers=factory.token("vic", "viewer"))
+    assert r.status_code == 422, r.text
+    issue = r.json()["detail"][0]
+    assert issue["type"] == "extra_forbidden"
+    assert issue["loc"][0] == "query"
+    assert "unknown query parameter" in issue["msg"]

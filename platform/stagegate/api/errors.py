@@ -53,8 +53,8 @@ REASONS: dict[int, str] = {
     409: "The state changed since the caller looked, or the request repeats one already "
     "processed; re-read and retry.",
     413: "The body is over the API's size limit; refused before it is read or authenticated.",
-    422: "The request is invalid: a field, parameter or number out of range, or JSON nested "
-    "too deep (refused before parsing).",
+    422: "The request is invalid: a field, parameter or number out of range, an unknown query "
+    "parameter, JSON beyond RFC 8259, or JSON nested too deep (refused before parsing).",
     503: "The database or the event bus is unavailable; retry after `Retry-After` seconds.",
 }
 

@@ -7,18 +7,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, status
 
-from stagegate.api import schemas, strict_json
+from stagegate.api import schemas, strict
 from stagegate.api.deps import SessionDep, StateDep
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.errors import InvalidInput
 from stagegate.events.signature import DeliveryHeaders, InvalidDelivery, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
 from stagegate.governance.deliveries import accept_once
 from stagegate.registry.protocol import valid_model_name
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=StrictRoute)
 
 MAX_BODY = 256 * 1024
 MAX_TIMESTAMP = 2**53  # unix seconds: any real one is far below, and a float holds it exactly
@@ -79,7 +79,7 @@ signed_delivery.__stagegate_authz__ = True  # type: ignore[attr-defined]
 
 def _parse(body: bytes) -> tuple[str, str, dict[str, Any]]:
     try:
-        doc = strict_json.loads(body)
+        doc = strict.loads(body)
     except ValueError:
         raise InvalidInput("body is not JSON") from None
     if not isinstance(doc, dict):

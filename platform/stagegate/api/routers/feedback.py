@@ -12,7 +12,7 @@ from pydantic import BaseModel, Discriminator, Field, JsonValue, Tag, field_vali
 from stagegate.api.deps import StateDep, require
 from stagegate.api.errors import responses
 from stagegate.api.schemas import Strict
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import RetryableError
 from stagegate.governance.tokens import Principal
@@ -21,7 +21,7 @@ from stagegate.serving.inference_log.labels import LabelRecord, attach_labels
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"], route_class=StrictRoute)
 
 MAX_ITEMS = 1000
 MAX_LABEL_BYTES = 16 * 1024  # a label is an outcome, not a payload

@@ -10,7 +10,7 @@ from stagegate.api import present, schemas
 from stagegate.api.deps import Admin, SessionDep, Viewer
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT, Instant
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
 from stagegate.governance import endpoints, evaluations, lineage, policies, versions
@@ -18,7 +18,7 @@ from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
 from stagegate.serving.policy import TrafficPolicy
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1/models", tags=["models"], route_class=StrictRoute)
 
 ModelName = Annotated[str, Path(min_length=1, max_length=128)]
 VersionNo = Annotated[int, Path(ge=1, le=MAX_INT)]

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Header, Response
 
 from stagegate.api.deps import SessionDep, require
 from stagegate.api.errors import responses
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.governance import endpoints
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role
 from stagegate.serving.policy import RouterConfig
 
-router = APIRouter(prefix="/api/v1/traffic", tags=["serving"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1/traffic", tags=["serving"], route_class=StrictRoute)
 
 RouterReader = Annotated[Principal, Depends(require(Role.service, Role.admin))]
 

@@ -10,13 +10,13 @@ from stagegate.api import present, schemas
 from stagegate.api.deps import Decider, Requester, SessionDep, StateDep, Viewer
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
-from stagegate.api.strict_json import StrictJsonRoute
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.events.announce import announce_if_approved
 from stagegate.governance import transitions
 from stagegate.governance.models import TransitionStatus
 
-router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"], route_class=StrictJsonRoute)
+router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"], route_class=StrictRoute)
 
 TransitionId = Annotated[str, Path(min_length=1, max_length=64)]
 
