@@ -193,3 +193,15 @@ def test_an_unknown_query_parameter_is_422_naming_it(
     assert issue["type"] == "extra_forbidden"
     assert issue["loc"][0] == "query"
     assert "unknown query parameter" in issue["msg"]
+
+
+def test_a_single_valued_query_parameter_given_twice_is_422(
+    client: TestClient, factory: Factory
+) -> None:
+    """Found by the fuzzer: of `?status=pending&status=applied` only the last counted."""
+    r = client.get(
+        "/api/v1/transitions?status=pending&status=applied", headers=factory.token("vic", "viewer")
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "multiple_values"
+    assert r.json()["detail"][0]["loc"] == ["query", "status"]

@@ -3,8 +3,9 @@
 - **JSON beyond RFC 8259.** Python's parser accepts `NaN`, `Infinity` and `1e400` (as inf).
   Pydantic lets inf through `gt=0`, the API then echoed it as `null` against its own schema,
   PostgreSQL refuses to store it, and a flow would wait forever.
-- **Query parameters the route does not declare.** `?ofset=50` would otherwise be ignored
-  without a word, and the client would read the first page as if it were the next.
+- **Query parameters the route does not declare, or a single-valued one given twice.**
+  `?ofset=50` would otherwise be ignored without a word, and the client would read the first
+  page as if it were the next; of `?status=pending&status=applied` only the last would count.
 
 Both are a 422 like any other invalid request. Every router uses `StrictRoute`.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
@@ -38,15 +39,37 @@ def loads(body: bytes) -> Any:
     return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
 
 
-def _query_names(dependant: Dependant) -> set[str]:
-    """The query parameters of the route and of all its dependencies."""
-    names: set[str] = set()
+def _takes_many(annotation: Any) -> bool:
+    """A list-like parameter (`list[str]`, `list[str] | None`) may be repeated."""
+    if get_origin(annotation) in (list, tuple, set, frozenset):
+        return True
+    return any(_takes_many(arg) for arg in get_args(annotation))
+
+
+def _query_params(dependant: Dependant) -> dict[str, bool]:
+    """The query parameters of the route and of all its dependencies: name -> may repeat."""
+    params: dict[str, bool] = {}
     stack = [dependant]
     while stack:
         current = stack.pop()
-        names.update(field.alias for field in current.query_params)
+        for field in current.query_params:
+            params[field.alias] = _takes_many(field.field_info.annotation)
         stack.extend(current.dependencies)
-    return names
+    return params
+
+
+def _query_issues(request: Request, declared: dict[str, bool]) -> list[dict[str, Any]]:
+    issues: list[dict[str, Any]] = []
+    takes = ", ".join(sorted(declared)) or "none"
+    for name in dict.fromkeys(request.query_params):
+        if name not in declared:
+            msg, kind = f"unknown query parameter; this route takes {takes}", "extra_forbidden"
+        elif not declared[name] and len(request.query_params.getlist(name)) > 1:
+            msg, kind = "given more than once; it takes one value", "multiple_values"
+        else:
+            continue
+        issues.append({"type": kind, "loc": ("query", name), "msg": msg})
+    return issues
 
 
 class StrictJsonRequest(Request):
@@ -57,26 +80,15 @@ class StrictJsonRequest(Request):
 
 
 class StrictRoute(APIRoute):
-    """An APIRoute that parses JSON with `loads` and refuses undeclared query parameters."""
+    """An APIRoute that parses JSON with `loads` and checks the query's names and counts."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
-        declared = _query_names(self.dependant)
+        declared = _query_params(self.dependant)
 
         async def strict(request: Request) -> Response:
-            unknown = [name for name in request.query_params if name not in declared]
-            if unknown:
-                raise RequestValidationError(
-                    [
-                        {
-                            "type": "extra_forbidden",
-                            "loc": ("query", name),
-                            "msg": "unknown query parameter; this route takes "
-                            + (", ".join(sorted(declared)) or "none"),
-                        }
-                        for name in dict.fromkeys(unknown)
-                    ]
-                )
+            if issues := _query_issues(request, declared):
+                raise RequestValidationError(issues)
             return await handle(StrictJsonRequest(request.scope, request.receive))
 
         return strict
