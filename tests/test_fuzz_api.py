@@ -191,7 +191,8 @@ def target(
             reporter.write_line("\n" + summary)
 
 
-# The database is shared and changes as cases run, so the same input may meet another state.
+# Hypothesis keeps no example database: cases share one API database that changes as they
+# run, so a stored example would not replay the same answer.
 FUZZ_SETTINGS = settings(
     max_examples=PER_OPERATION,
     deadline=None,

@@ -55,7 +55,8 @@ REASONS: dict[int, str] = {
     413: "The body is over the API's size limit; refused before it is read or authenticated.",
     422: "The request is invalid: a field, parameter or number out of range, an unknown query "
     "parameter, JSON beyond RFC 8259, or JSON nested too deep (refused before parsing).",
-    503: "The database or the event bus is unavailable; retry after `Retry-After` seconds.",
+    503: "The database, the event bus or the inference log is unavailable; retry after "
+    "`Retry-After` seconds.",
 }
 
 _HEADERS: dict[int, dict[str, Any]] = {

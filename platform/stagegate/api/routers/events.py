@@ -11,14 +11,13 @@ from stagegate.api import schemas, strict
 from stagegate.api.deps import SessionDep, StateDep
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
-from stagegate.api.strict import StrictRoute
 from stagegate.errors import InvalidInput
 from stagegate.events.signature import DeliveryHeaders, InvalidDelivery, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
 from stagegate.governance.deliveries import accept_once
 from stagegate.registry.protocol import valid_model_name
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=StrictRoute)
+router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=strict.StrictRoute)
 
 MAX_BODY = 256 * 1024
 MAX_TIMESTAMP = 2**53  # unix seconds: any real one is far below, and a float holds it exactly
