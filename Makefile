@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PG_DIR  ?= /tmp/stagegate-test-pg
 PG_PORT ?= 54329
 
-.PHONY: demo test lint typecheck imports pytest bench bench-debs lock debs clean down
+.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ pytest: $(STAMP) debs
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
 
 test: lint typecheck imports pytest
+
+# Schemathesis against the API in process: at least FUZZ_CASES cases, new ones each run (the
+# fast profile in `make test` repeats the same ~1,400). Needs no PostgreSQL.
+FUZZ_CASES ?= 10000
+fuzz: $(STAMP)
+	STAGEGATE_FUZZ_CASES=$(FUZZ_CASES) STAGEGATE_TEST_PG_URL= $(BIN)/pytest tests/test_fuzz_api.py \
+	  -p no:cacheprovider --timeout=3600 $(PYTEST_ARGS)
 
 # Peers the benchmarks compare against: wrk drives load, nginx is the router's peer.
 bench-debs:

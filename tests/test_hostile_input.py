@@ -6,9 +6,12 @@ import json
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from stagegate.api.app import ROUTERS
 from stagegate.api.limits import json_depth_exceeds
+from stagegate.api.strict import StrictRoute
 from stagegate.events.sink import MemorySink
 from stagegate.settings import Settings
 from tests.factories import Factory
@@ -107,3 +110,98 @@ def test_limits_hold_on_a_real_server_too(live_api_url: str) -> None:
     """The same refusal over a real socket (uvicorn), where bodies arrive in chunks."""
     r = httpx.post(f"{live_api_url}/api/v1/feedback", content=b"x" * (3 << 20), trust_env=False)
     assert r.status_code == 413
+
+
+# Found by the fuzzer (tests/test_fuzz_api.py); each was a 500 or an undeclared status.
+
+
+def test_a_label_with_an_integer_beyond_64_bits_is_422(
+    client: TestClient, factory: Factory
+) -> None:
+    """The inference log stores labels as orjson does, which refuses such integers."""
+    item = {"request_id": "r1", "model": "fraud", "label": {"score": 2**64}}
+    r = client.post("/api/v1/feedback", json=item, headers=factory.token("svc", "service"))
+    assert r.status_code == 422, r.text
+    assert "64 bits" in r.text
+
+
+def test_a_body_that_is_not_utf8_is_422(client: TestClient, factory: Factory) -> None:
+    r = client.post(
+        "/api/v1/transitions",
+        content=b'{"model": "\xff\xfe"}',
+        headers={**factory.token("erin", "author"), "content-type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_request"
+    assert r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_production_of_an_unknown_model_is_a_declared_404(
+    client: TestClient, factory: Factory
+) -> None:
+    r = client.get("/api/v1/models/nope/production", headers=factory.token("vic", "viewer"))
+    assert r.status_code == 404
+    declared = client.get("/api/openapi.json").json()["paths"]
+    assert "404" in declared["/api/v1/models/{name}/production"]["get"]["responses"]
+
+
+def test_a_signed_delivery_with_an_absurd_timestamp_is_401(
+    client: TestClient, settings: Settings, sink: MemorySink
+) -> None:
+    body = b'{"entity":"model_version","action":"created","data":{"name":"a","version":1}}'
+    raw, headers = delivery(settings, body, ts=10**400)
+    r = client.post("/api/v1/events/mlflow", content=raw, headers=headers)
+    assert r.status_code == 401, r.text
+    assert sink.events == []
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e400"])
+def test_json_beyond_rfc_8259_is_422_not_stored(
+    client: TestClient, factory: Factory, number: str
+) -> None:
+    """Python's parser takes these; inf passed `gt=0`, was stored, then echoed as `null`."""
+    admin = {**factory.token("root", "admin"), "content-type": "application/json"}
+    policy = client.get("/api/v1/models/*/policy", headers=admin).json()
+    body = json.dumps(policy).replace('"max_wait_s": 3600.0', f'"max_wait_s": {number}', 1)
+    assert number in body
+    r = client.put("/api/v1/models/*/policy", content=body, headers=admin)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+    assert client.get("/api/v1/models/*/policy", headers=admin).json() == policy
+    label = '{"request_id": "r1", "model": "fraud", "label": ' + number + "}"
+    r = client.post("/api/v1/feedback", content=label, headers=admin)
+    assert r.status_code == 422, r.text
+
+
+def test_every_route_parses_json_strictly() -> None:
+    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    assert routes
+    assert all(isinstance(r, StrictRoute) for r in routes)
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/models?ofset=50", "/api/v1/transitions?limit=1&=null", "/api/health?x=1"]
+)
+def test_an_unknown_query_parameter_is_422_naming_it(
+    client: TestClient, factory: Factory, path: str
+) -> None:
+    """A typo such as `ofset` was ignored: the client read page one as if it were the next."""
+    factory.version("fraud", 1)
+    r = client.get(path, headers=factory.token("vic", "viewer"))
+    assert r.status_code == 422, r.text
+    issue = r.json()["detail"][0]
+    assert issue["type"] == "extra_forbidden"
+    assert issue["loc"][0] == "query"
+    assert "unknown query parameter" in issue["msg"]
+
+
+def test_a_single_valued_query_parameter_given_twice_is_422(
+    client: TestClient, factory: Factory
+) -> None:
+    """Found by the fuzzer: of `?status=pending&status=applied` only the last counted."""
+    r = client.get(
+        "/api/v1/transitions?status=pending&status=applied", headers=factory.token("vic", "viewer")
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["type"] == "multiple_values"
+    assert r.json()["detail"][0]["loc"] == ["query", "status"]

@@ -74,6 +74,7 @@ def require(*roles: Role) -> Callable[[Principal], Principal]:
         return principal
 
     check.__stagegate_authz__ = True  # type: ignore[attr-defined]  # found by the route audit
+    check.__stagegate_roles__ = allowed  # type: ignore[attr-defined]  # and by the 403 audit
     return check
 
 

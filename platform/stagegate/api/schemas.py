@@ -185,9 +185,25 @@ class WebhookAccepted(BaseModel):
     emitted: bool
 
 
+class FieldErrorPublic(BaseModel):
+    """One reason a request failed validation, as FastAPI locates it."""
+
+    loc: list[str | int] = Field(description='Where: `["body", "version"]`, `["query", "offset"]`.')
+    msg: str
+    type: str
+
+
 class ErrorPublic(BaseModel):
-    detail: Any
-    code: str
+    """The body of every error answer: a reason and a stable code, never a traceback."""
+
+    detail: str | list[FieldErrorPublic] = Field(
+        description="What went wrong: a sentence, or one entry per invalid field (422)."
+    )
+    code: str = Field(
+        description="Stable for clients: `unauthenticated`, `invalid_delivery`, "
+        "`permission_denied`, `not_found`, `conflict`, `transition_rejected`, `invalid_input`, "
+        "`invalid_request`, `too_large`, `too_deep`, `retryable`."
+    )
 
 
 class EvaluationPublic(BaseModel):

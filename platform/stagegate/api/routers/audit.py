@@ -8,13 +8,15 @@ from fastapi import APIRouter, Query
 
 from stagegate.api import schemas
 from stagegate.api.deps import SessionDep, Viewer
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
+from stagegate.api.strict import StrictRoute
 from stagegate.governance import audit
 
-router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"], route_class=StrictRoute)
 
 
-@router.get("")
+@router.get("", responses=responses(401, 422, 503))
 def list_audit(
     session: SessionDep,
     _: Viewer,
@@ -30,7 +32,7 @@ def list_audit(
     )
 
 
-@router.get("/verify")
+@router.get("/verify", responses=responses(401, 422, 503))
 def verify(session: SessionDep, _: Viewer) -> schemas.AuditVerifyPublic:
     r = audit.verify(session)
     return schemas.AuditVerifyPublic(

@@ -2,24 +2,57 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, status
 
-from stagegate.api import schemas
+from stagegate.api import schemas, strict
 from stagegate.api.deps import SessionDep, StateDep
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
 from stagegate.errors import InvalidInput
-from stagegate.events.signature import DeliveryHeaders, parse_headers, verify
+from stagegate.events.signature import DeliveryHeaders, InvalidDelivery, parse_headers, verify
 from stagegate.events.sink import OutEvent, model_resource
 from stagegate.governance.deliveries import accept_once
 from stagegate.registry.protocol import valid_model_name
 
-router = APIRouter(prefix="/api/v1/events", tags=["events"])
+router = APIRouter(prefix="/api/v1/events", tags=["events"], route_class=strict.StrictRoute)
 
 MAX_BODY = 256 * 1024
+MAX_TIMESTAMP = 2**53  # unix seconds: any real one is far below, and a float holds it exactly
+
+# The route reads the raw body (the signature covers its bytes), so FastAPI cannot see what it
+# expects: declared here for clients and the fuzzer. Unsigned requests never get past 401.
+_DELIVERY_SPEC: dict[str, Any] = {
+    "parameters": [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+        for name in ("x-mlflow-delivery-id", "x-mlflow-timestamp", "x-mlflow-signature")
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["entity", "action", "data"],
+                    "properties": {
+                        "entity": {"type": "string", "description": "e.g. `model_version`"},
+                        "action": {"type": "string", "description": "e.g. `created`"},
+                        "data": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "version": {"type": "integer", "minimum": 1, "maximum": MAX_INT},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    },
+}
 
 
 async def signed_delivery(request: Request, state: StateDep) -> tuple[DeliveryHeaders, bytes]:
@@ -28,6 +61,8 @@ async def signed_delivery(request: Request, state: StateDep) -> tuple[DeliveryHe
     if len(body) > MAX_BODY:
         raise InvalidInput(f"body over {MAX_BODY} bytes")
     headers = parse_headers({k.lower(): v for k, v in request.headers.items()})
+    if not 0 <= headers.timestamp <= MAX_TIMESTAMP:  # beyond a float, the skew check overflows
+        raise InvalidDelivery("x-mlflow-timestamp is out of range")
     verify(
         state.settings.webhook.secret,
         headers,
@@ -43,7 +78,7 @@ signed_delivery.__stagegate_authz__ = True  # type: ignore[attr-defined]
 
 def _parse(body: bytes) -> tuple[str, str, dict[str, Any]]:
     try:
-        doc = json.loads(body)
+        doc = strict.loads(body)
     except ValueError:
         raise InvalidInput("body is not JSON") from None
     if not isinstance(doc, dict):
@@ -56,7 +91,12 @@ def _parse(body: bytes) -> tuple[str, str, dict[str, Any]]:
     return entity, action, data
 
 
-@router.post("/mlflow", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/mlflow",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=responses(401, 409, 413, 422, 503),
+    openapi_extra=_DELIVERY_SPEC,
+)
 def mlflow_webhook(
     session: SessionDep,
     state: StateDep,

@@ -10,7 +10,9 @@ from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, Discriminator, Field, JsonValue, Tag, field_validator
 
 from stagegate.api.deps import StateDep, require
+from stagegate.api.errors import responses
 from stagegate.api.schemas import Strict
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import RetryableError
 from stagegate.governance.tokens import Principal
@@ -19,7 +21,7 @@ from stagegate.serving.inference_log.labels import LabelRecord, attach_labels
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"])
+router = APIRouter(prefix="/api/v1/feedback", tags=["feedback"], route_class=StrictRoute)
 
 MAX_ITEMS = 1000
 MAX_LABEL_BYTES = 16 * 1024  # a label is an outcome, not a payload
@@ -45,7 +47,11 @@ class FeedbackItem(Strict):
     @field_validator("label")
     @classmethod
     def _small(cls, label: JsonValue) -> JsonValue:
-        if len(orjson.dumps(label)) > MAX_LABEL_BYTES:
+        try:
+            encoded = orjson.dumps(label)  # as the inference log will store it
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits
+            raise ValueError("a label's integers must fit in 64 bits") from None
+        if len(encoded) > MAX_LABEL_BYTES:
             raise ValueError(f"a label is at most {MAX_LABEL_BYTES} bytes of JSON")
         return label
 
@@ -69,7 +75,7 @@ class FeedbackAccepted(BaseModel):
     accepted: int
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=responses(401, 403, 413, 422, 503))
 def post_feedback(_: Labeler, log_url: LogUrl, body: FeedbackBody) -> FeedbackAccepted:
     """Store labels. Unknown request ids are accepted: a label may beat its record's flush."""
     items = body.items if isinstance(body, FeedbackBatch) else [body]

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Path, Query
 
 from stagegate.api import present, schemas
 from stagegate.api.deps import Admin, SessionDep, Viewer
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT, Instant
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
 from stagegate.governance import endpoints, evaluations, lineage, policies, versions
@@ -16,13 +18,27 @@ from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
 from stagegate.serving.policy import TrafficPolicy
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"])
+router = APIRouter(prefix="/api/v1/models", tags=["models"], route_class=StrictRoute)
 
 ModelName = Annotated[str, Path(min_length=1, max_length=128)]
 VersionNo = Annotated[int, Path(ge=1, le=MAX_INT)]
 
 
-@router.get("")
+# An OpenAPI link: a listed version can be put forward. Clients may follow it; the fuzzer's
+# linked sequences do, so they reach real transitions rather than unknown names.
+_REQUEST_A_MOVE = {
+    "operationRef": "#/paths/~1api~1v1~1transitions/post",
+    "requestBody": {
+        "model": "$response.body#/data/0/name",
+        "version": "$response.body#/data/0/versions/0/version",
+    },
+    "description": "Request a stage move for the first listed model's first version.",
+}
+
+
+@router.get(
+    "", responses={200: {"links": {"RequestMove": _REQUEST_A_MOVE}}, **responses(401, 422, 503)}
+)
 def list_models(
     session: SessionDep,
     _: Viewer,
@@ -50,7 +66,7 @@ def list_models(
     return schemas.ModelsPublic(data=data, count=total)
 
 
-@router.get("/{name}/endpoint")
+@router.get("/{name}/endpoint", responses=responses(401, 404, 422, 503))
 def get_endpoint(session: SessionDep, _: Viewer, name: ModelName) -> schemas.EndpointPublic:
     """The model's desired serving state and its convergence (404 before its first move)."""
     state = endpoints.get_endpoint(session, name)
@@ -66,14 +82,14 @@ def get_endpoint(session: SessionDep, _: Viewer, name: ModelName) -> schemas.End
     )
 
 
-@router.get("/{name}/versions/{version}")
+@router.get("/{name}/versions/{version}", responses=responses(401, 404, 422, 503))
 def get_version(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> schemas.VersionPublic:
     return present.version(session, versions.get_version(session, name, version))
 
 
-@router.get("/{name}/versions/{version}/lineage")
+@router.get("/{name}/versions/{version}/lineage", responses=responses(401, 404, 422, 503))
 def get_lineage(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> schemas.LineagePublic:
@@ -90,7 +106,7 @@ def get_lineage(
     )
 
 
-@router.get("/{name}/versions/{version}/consumers")
+@router.get("/{name}/versions/{version}/consumers", responses=responses(401, 404, 422, 503))
 def get_consumers(
     session: SessionDep,
     _: Viewer,
@@ -105,7 +121,7 @@ def get_consumers(
     ]
 
 
-@router.get("/{name}/versions/{version}/evaluations")
+@router.get("/{name}/versions/{version}/evaluations", responses=responses(401, 404, 422, 503))
 def get_evaluations(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> list[schemas.EvaluationPublic]:
@@ -127,7 +143,7 @@ def get_evaluations(
     ]
 
 
-@router.get("/{name}/production")
+@router.get("/{name}/production", responses=responses(401, 404, 422, 503))
 def production_at(
     session: SessionDep,
     _: Viewer,
@@ -159,7 +175,7 @@ def production_at(
     )
 
 
-@router.get("/{name}/policy")
+@router.get("/{name}/policy", responses=responses(401, 404, 422, 503))
 def get_policy(session: SessionDep, _: Viewer, name: ModelName) -> Policy:
     """The model's effective policy; `*` names the default for models without their own."""
     if name != policies.DEFAULT_KEY:
@@ -167,7 +183,7 @@ def get_policy(session: SessionDep, _: Viewer, name: ModelName) -> Policy:
     return policies.get_policy(session, name)
 
 
-@router.put("/{name}/policy")
+@router.put("/{name}/policy", responses=responses(401, 403, 404, 409, 413, 422, 503))
 def put_policy(session: SessionDep, admin: Admin, name: ModelName, body: Policy) -> Policy:
     """Replace the model's gate policy (admin). Applies to decisions taken from now on."""
     if name != policies.DEFAULT_KEY:

@@ -8,17 +8,23 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Response
 
 from stagegate.api.deps import SessionDep, require
+from stagegate.api.errors import responses
+from stagegate.api.strict import StrictRoute
 from stagegate.governance import endpoints
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role
 from stagegate.serving.policy import RouterConfig
 
-router = APIRouter(prefix="/api/v1/traffic", tags=["serving"])
+router = APIRouter(prefix="/api/v1/traffic", tags=["serving"], route_class=StrictRoute)
 
 RouterReader = Annotated[Principal, Depends(require(Role.service, Role.admin))]
 
 
-@router.get("", response_model=RouterConfig, responses={304: {"description": "Not modified"}})
+@router.get(
+    "",
+    response_model=RouterConfig,
+    responses={304: {"description": "Not modified"}, **responses(401, 403, 422, 503)},
+)
 def traffic(
     session: SessionDep,
     _: RouterReader,

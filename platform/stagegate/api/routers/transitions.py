@@ -8,18 +8,24 @@ from fastapi import APIRouter, Path, Query, status
 
 from stagegate.api import present, schemas
 from stagegate.api.deps import Decider, Requester, SessionDep, StateDep, Viewer
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.events.announce import announce_if_approved
 from stagegate.governance import transitions
 from stagegate.governance.models import TransitionStatus
 
-router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"])
+router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"], route_class=StrictRoute)
 
 TransitionId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 404, 409, 413, 422, 503),
+)
 def request_transition(
     session: SessionDep, state: StateDep, principal: Requester, body: schemas.TransitionCreate
 ) -> schemas.TransitionPublic:
@@ -37,7 +43,7 @@ def request_transition(
     return present.transition(session, t)
 
 
-@router.get("")
+@router.get("", responses=responses(401, 422, 503))
 def list_transitions(
     session: SessionDep,
     _: Viewer,
@@ -54,14 +60,18 @@ def list_transitions(
     )
 
 
-@router.get("/{transition_id}")
+@router.get("/{transition_id}", responses=responses(401, 404, 422, 503))
 def get_transition(
     session: SessionDep, _: Viewer, transition_id: TransitionId
 ) -> schemas.TransitionPublic:
     return present.transition(session, transitions.get_transition(session, transition_id))
 
 
-@router.post("/{transition_id}/approvals", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/{transition_id}/approvals",
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 404, 409, 413, 422, 503),
+)
 def decide(
     session: SessionDep,
     state: StateDep,
