@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field
 
 from stagegate import reports
 from stagegate.api.deps import SessionDep, StateDep, Viewer, require
+from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
+from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import NotFoundError
 from stagegate.governance import alarms, evaluations
@@ -18,7 +20,7 @@ from stagegate.governance.models import DriftAlarm, Evaluation
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.stages import Role
 
-router = APIRouter(prefix="/api/v1", tags=["monitoring"])
+router = APIRouter(prefix="/api/v1", tags=["monitoring"], route_class=StrictRoute)
 
 ModelName = Annotated[str, Path(min_length=1, max_length=128)]
 VersionNo = Annotated[int, Path(ge=1, le=MAX_INT)]
@@ -130,7 +132,7 @@ def drift_alarm(a: DriftAlarm) -> DriftAlarmPublic:
     )
 
 
-@router.get("/models/{name}/versions/{version}/drift")
+@router.get("/models/{name}/versions/{version}/drift", responses=responses(401, 404, 422, 503))
 def get_drift(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> DriftHistoryPublic:
@@ -147,7 +149,13 @@ def get_drift(
 @router.get(
     "/reports/{evaluation_id}",
     response_class=Response,
-    responses={200: {"content": {"text/html": {}}, "description": "Evidently's HTML report."}},
+    responses={
+        200: {
+            "content": {"text/html": {"schema": {"type": "string"}}},
+            "description": "Evidently's HTML report.",
+        },
+        **responses(401, 404, 422, 503),
+    },
 )
 def get_report(
     session: SessionDep,
@@ -164,7 +172,9 @@ def get_report(
     return Response(html, media_type="text/html; charset=utf-8", headers=REPORT_HEADERS)
 
 
-@router.post("/drift-alarms/{alarm_id}/acknowledge")
+@router.post(
+    "/drift-alarms/{alarm_id}/acknowledge", responses=responses(401, 403, 404, 409, 413, 422, 503)
+)
 def acknowledge_alarm(
     session: SessionDep,
     principal: Acknowledger,
