@@ -46,6 +46,12 @@ def test_drift_history_report_and_acknowledgement(
     assert alarm["status"] == "open"
     assert alarm["drifted_features"] == ["amount", "channel"]
 
+    lineage = client.get("/api/v1/models/fraud/versions/2/lineage", headers=viewer).json()
+    [linked] = lineage["drift"]
+    assert linked["evaluation_id"] == outcome.evaluation_id
+    assert linked["report_url"] == checked["report_url"]
+    assert linked["drifted_features"] == ["amount", "channel"]
+
     assert client.get(checked["report_url"]).status_code == 401
     page = client.get(checked["report_url"], headers=viewer)
     assert page.status_code == 200

@@ -283,3 +283,20 @@ def test_targets_follow_each_models_policy(world: World) -> None:
     assert targets(world.engine) == [("fraud", 2)]
     world.drift(stages=frozenset({Stage.production, Stage.canary}))
     assert targets(world.engine) == [("fraud", 2), ("fraud", 3)]
+
+
+def test_intake_records_where_the_reference_comes_from(engine: Engine, sink: MemorySink) -> None:
+    from stagegate.steps.intake import intake
+    from tests.fakes import FakeRegistry
+
+    reg = FakeRegistry()
+    reg.add("fraud", 1)
+    reg.add("fraud", 2)
+    reg.references[("fraud", 2)] = frame(1)
+    intake(engine, reg, sink, "fraud", 1)
+    intake(engine, reg, sink, "fraud", 2)
+    with transaction(engine) as s:
+        first = versions.get_version(s, "fraud", 1).reference_source
+        second = versions.get_version(s, "fraud", 2).reference_source
+    assert first == reg.describe_reference("fraud", 1)  # its dataset's source, or None
+    assert second == "runs:/run2/stagegate/reference"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -178,3 +179,16 @@ def test_service_accounts_cannot_be_approvers() -> None:
             required=1,
             roles=frozenset({Role.service}),
         )
+
+
+def test_the_lineage_gate_can_require_a_reference_for_the_drift_monitor() -> None:
+    base = default_policy()
+    strict = base.model_copy(
+        update={"drift": base.drift.model_copy(update={"require_reference": True})}
+    )
+    without = by_name(ctx(version=facts(), policy=strict))["lineage"]
+    assert not without.passed
+    assert "reference data for the drift monitor" in without.reason
+    with_ref = replace(facts(), reference_source="runs:/r/stagegate/reference")
+    assert by_name(ctx(version=with_ref, policy=strict))["lineage"].passed
+    assert by_name(ctx(version=facts()))["lineage"].passed  # not required by default

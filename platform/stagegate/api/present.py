@@ -55,6 +55,7 @@ def version(session: Session, v: ModelVersion) -> schemas.VersionPublic:
             )
             for name, number in lineage.upstream_of(session, v)
         ],
+        reference_source=v.reference_source,
     )
 
 

@@ -100,6 +100,9 @@ class VersionPublic(BaseModel):
     stage_changed_at: datetime
     datasets: list[DatasetPublic]
     depends_on: list[VersionRefPublic]
+    reference_source: str | None = Field(
+        default=None, description="Where the drift monitor reads the training frame from."
+    )
 
 
 class VersionSummary(BaseModel):
@@ -129,11 +132,26 @@ class DeploymentPublic(BaseModel):
     ended_at: datetime | None
 
 
+class DriftLinkPublic(BaseModel):
+    """One drift check of the version, as its lineage links it."""
+
+    evaluation_id: int
+    verdict: str
+    window_start: datetime
+    window_end: datetime | None
+    drifted_features: list[str]
+    report_url: str | None
+
+
 class LineagePublic(BaseModel):
     version: VersionPublic
     transitions: list[TransitionPublic]
     deployments: list[DeploymentPublic]
     consumers: list[VersionRefPublic]
+    drift: list[DriftLinkPublic] = Field(
+        default_factory=list,
+        description="Drift checks, newest first; details at .../drift, reports at report_url.",
+    )
 
 
 class ProductionPublic(BaseModel):

@@ -103,6 +103,18 @@ def get_lineage(
             schemas.VersionRefPublic(model=c.model_name, version=c.version, stage=c.stage)
             for c in lineage.consumers_of(session, name, version)
         ],
+        drift=[
+            schemas.DriftLinkPublic(
+                evaluation_id=e.id or 0,
+                verdict=str(e.summary.get("verdict", "")),
+                window_start=e.window_start,
+                window_end=e.window_end,
+                drifted_features=list(e.summary.get("drifted_features", [])),
+                report_url=f"/api/v1/reports/{e.id}" if e.summary.get("report") else None,
+            )
+            for e in evaluations.list_for(session, name, version)
+            if e.kind == "drift"
+        ],
     )
 
 
