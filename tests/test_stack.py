@@ -314,8 +314,9 @@ def test_default_specs_wire_secrets_ports_and_order(
     assert rebuilt.api.port == 9999
     assert rebuilt.lifecycle.stale_transition_s == 7
     assert rebuilt.webhook.secret == secrets.webhook_secret
-    assert rebuilt.model_dump(exclude={"webhook", "db"}) == settings.model_dump(
-        exclude={"webhook", "db"}
+    assert rebuilt.alerts.secret == secrets.alert_secret  # generated for the stack
+    assert rebuilt.model_dump(exclude={"webhook", "db", "alerts"}) == settings.model_dump(
+        exclude={"webhook", "db", "alerts"}
     )
     monkeypatch.undo()
 

@@ -277,6 +277,7 @@ def test_prefect_deploy_all_on_a_process_pool_runs_a_flow(served: Served, tmp_pa
         log.close()
 
 
+@pytest.mark.e2e
 def test_the_worker_serves_cron_and_interval_schedules(served: Served) -> None:
     """prefect.yaml's `cron` (the drift check's) and `interval` (reconcile's) schedules."""
     found = {}

@@ -231,7 +231,9 @@ class DriftCriteria(BaseModel):
         default=False,
         description="Production needs a readable reference (training frame) for the monitor.",
     )
-    actions: DriftActions = Field(default_factory=DriftActions)
+    actions: DriftActions = Field(
+        default_factory=DriftActions, description="What a drifting window sets off, once per alarm."
+    )
 
     @model_validator(mode="after")
     def _p_values_are_probabilities(self) -> DriftCriteria:
