@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from stagegate import supervise
+from stagegate.cli import app
 from stagegate.errors import InvalidInput
+from stagegate.settings import get_settings
 from stagegate.supervise import HealthCheck, ServiceSpec, WatchPolicy
 from stagegate.supervise.procfs import proc_stat
 from tests.waits import wait_for
@@ -101,6 +105,24 @@ def test_a_killed_service_is_restarted_with_the_default_policy(root: Path) -> No
     again = wait_for("web to come back again", lambda: restarted(root, "web", now.pid), 20, 0.1)
     assert again.restarts == 2
     assert again.last_restart_reason == "killed by SIGKILL"
+
+    # `stagegate status` reads the same pid files: a restarts column, and the JSON fields.
+    runner = CliRunner()
+    get_settings.cache_clear()
+    try:
+        table = runner.invoke(app, ["status"], env={"STAGEGATE_HOME": str(root), "COLUMNS": "200"})
+        doc = runner.invoke(app, ["status", "--json"], env={"STAGEGATE_HOME": str(root)})
+    finally:
+        get_settings.cache_clear()
+    assert table.exit_code == 0, table.output
+    assert "restarts" in table.output
+    web_row = next(line for line in table.output.splitlines() if " web " in line)
+    assert f" {again.pid} " in web_row
+    assert " 2 " in web_row
+    assert "web: last restarted" in table.output
+    watchdog_row = next(line for line in table.output.splitlines() if " watchdog " in line)
+    assert str(dog.pid) in watchdog_row
+    assert json.loads(doc.output)["web"]["restarts"] == 2
 
 
 def test_a_crash_loop_is_given_up_with_the_reason_and_the_log_tail(root: Path) -> None:

@@ -67,16 +67,17 @@ def down() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
 ) -> None:
-    """Each service's URL, PID, health and restarts, and whether the watchdog runs."""
+    """Each service's URL, PID, health and restarts (by the watchdog), and the watchdog."""
     from stagegate import stack
 
     settings = get_settings()
-    statuses = {**stack.status(settings), "watchdog": stack.watchdog_status(settings)}
-    if as_json:
+    services = stack.status(settings)
+    if as_json:  # keyed by service only; the watchdog is a row of the table
         typer.echo(
-            json.dumps({k: v.model_dump(mode="json") for k, v in statuses.items()}, indent=2)
+            json.dumps({k: v.model_dump(mode="json") for k, v in services.items()}, indent=2)
         )
         return
+    statuses = {**services, "watchdog": stack.watchdog_status(settings)}
     table = Table("service", "url", "pid", "healthy", "restarts", "rss MiB")
     for name, s in statuses.items():
         rss = f"{s.rss_bytes / 2**20:.0f}" if s.rss_bytes else "-"
