@@ -184,16 +184,18 @@ def test_backoff_doubles_per_restart(root: Path) -> None:
 
 
 def test_down_stops_the_watchdog_first_and_nothing_comes_back(root: Path) -> None:
-    ports = free_port(), free_port()
+    ports = free_port(), free_port(), free_port()
     specs = [web_spec("db", ports[0]), web_spec("app", ports[1], depends_on=("db",))]
     started = supervise.up(root, specs, timeout_s=20)
     dog = supervise.watch(root, specs, policy=FAST)
     assert dog.pid is not None
+    # Started after the watchdog: newest-first order alone would stop it before the watchdog.
+    started |= supervise.up(root, [web_spec("late", ports[2])], timeout_s=20)
 
     stopped = supervise.down(root, timeout_s=5)
 
     assert stopped[0] == "watchdog"
-    assert sorted(stopped[1:]) == ["app", "db"]
+    assert sorted(stopped[1:]) == ["app", "db", "late"]
     assert gone(dog.pid)
     time.sleep(FAST.poll_s * 10 + FAST.backoff_cap_s)  # long enough for any restart
     assert not list((root / "run").glob("*.json"))
@@ -203,9 +205,13 @@ def test_down_stops_the_watchdog_first_and_nothing_comes_back(root: Path) -> Non
     assert all(s.pid is not None and gone(s.pid) for s in started.values())
 
 
-def test_a_dead_dependency_is_restarted_before_its_dependent(root: Path) -> None:
+def test_a_dead_dependency_is_restarted_and_healthy_before_its_dependent(root: Path) -> None:
     ports = free_port(), free_port()
-    specs = [web_spec("db", ports[0]), web_spec("app", ports[1], depends_on=("db",))]
+    # The dependency answers its health check only 1.5 s after each start.
+    slow_db = web_spec("db", ports[0]).model_copy(
+        update={"argv": ["sh", "-c", f"sleep 1.5; exec {PY} -m http.server {ports[0]}"]}
+    )
+    specs = [slow_db, web_spec("app", ports[1], depends_on=("db",))]
     started = supervise.up(root, specs, timeout_s=20)
     supervise.watch(root, specs, policy=FAST)
 
@@ -216,14 +222,37 @@ def test_a_dead_dependency_is_restarted_before_its_dependent(root: Path) -> None
     wait_for("both back", lambda: all(restarted(root, n, started[n].pid) for n in started), 30)
 
     now = supervise.status(root)
-    assert now["db"].last_restart_at is not None
-    assert now["app"].last_restart_at is not None
-    assert now["db"].last_restart_at < now["app"].last_restart_at
-    assert now["app"].started_at is not None
-    assert now["db"].started_at is not None
-    assert now["app"].started_at > now["db"].started_at
+    db_at, app_at = now["db"].started_at, now["app"].started_at
+    assert db_at is not None
+    assert app_at is not None
+    assert (app_at - db_at).total_seconds() >= 1.5  # it waited for the dependency's health
+    assert now["db"].restarts == now["app"].restarts == 1
 
 
 def test_the_watchdog_name_is_reserved(root: Path) -> None:
     with pytest.raises(InvalidInput, match="reserved"):
         supervise.up(root, [web_spec("watchdog", free_port())], timeout_s=5)
+
+
+def test_a_dead_watchdog_leaves_services_running_and_watch_replaces_it(root: Path) -> None:
+    port = free_port()
+    specs = [web_spec("web", port)]
+    web = supervise.up(root, specs, timeout_s=20)["web"]
+    dog = supervise.watch(root, specs, policy=FAST)
+    assert dog.pid is not None
+    assert web.pid is not None
+
+    os.killpg(dog.pid, signal.SIGKILL)
+    wait_for("the watchdog to be gone", lambda: gone(dog.pid or 0), 10)
+
+    assert not supervise.watchdog_status(root).running
+    assert supervise.status(root)["web"].healthy  # its services are not its children
+    os.killpg(web.pid, signal.SIGKILL)  # nobody restarts this one now...
+    wait_for("web to be down", lambda: not supervise.status(root)["web"].running, 10)
+
+    second = supervise.watch(root, specs, policy=FAST)  # ...until a watchdog runs again
+
+    assert second.running
+    assert second.pid != dog.pid
+    back = wait_for("web to come back", lambda: restarted(root, "web", web.pid), 20, 0.1)
+    assert back.restarts == 1
