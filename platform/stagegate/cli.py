@@ -67,20 +67,36 @@ def down() -> None:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
 ) -> None:
-    """Each service's URL, PID and health."""
+    """Each service's URL, PID, health and restarts (by the watchdog), and the watchdog."""
     from stagegate import stack
 
-    statuses = stack.status(get_settings())
-    if as_json:
+    settings = get_settings()
+    services = stack.status(settings)
+    if as_json:  # keyed by service only; the watchdog is a row of the table
         typer.echo(
-            json.dumps({k: v.model_dump(mode="json") for k, v in statuses.items()}, indent=2)
+            json.dumps({k: v.model_dump(mode="json") for k, v in services.items()}, indent=2)
         )
         return
-    table = Table("service", "url", "pid", "healthy", "rss MiB")
+    statuses = {**services, "watchdog": stack.watchdog_status(settings)}
+    table = Table("service", "url", "pid", "healthy", "restarts", "rss MiB")
     for name, s in statuses.items():
         rss = f"{s.rss_bytes / 2**20:.0f}" if s.rss_bytes else "-"
-        table.add_row(name, s.url or "-", str(s.pid or "-"), "yes" if s.healthy else "no", rss)
+        health = "failed" if s.failed else "yes" if s.healthy else "no"
+        restarts = str(s.restarts) if name != "watchdog" else "-"
+        table.add_row(name, s.url or "-", str(s.pid or "-"), health, restarts, rss)
     console.print(table)
+    for name, s in statuses.items():
+        if s.failed:
+            console.print(f"[red]{name} failed:[/] {s.failed}")
+        elif s.last_restart_at:
+            console.print(
+                f"{name}: last restarted {_when(s.last_restart_at)} UTC ({s.last_restart_reason})"
+            )
+    if not statuses["watchdog"].running and any(s.running for s in statuses.values()):
+        console.print(
+            "[yellow]the watchdog is not running:[/] a crashed service stays down until "
+            "`stagegate up`"
+        )
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Bring up the embedded default stack: migrate, start the services, register the webhook."""
+"""Bring up the embedded stack: migrate, start and watch the services, register the webhook."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def start(
     upgrade(settings.database_url)
     _register_router_token(settings)
     statuses = stack.up(settings, on_event=on_event, timeout_s=timeout_s)
+    stack.watch(settings, on_event=on_event)  # restarts a service that crashes from now on
     secret = stack.effective_webhook_secret(settings, stack.load_secrets(settings))
     hook = MlflowRegistry(settings.mlflow.tracking_uri).ensure_webhook(
         settings.api.url + WEBHOOK_PATH, secret, WEBHOOK_EVENTS

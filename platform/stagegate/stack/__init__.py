@@ -1,4 +1,4 @@
-"""The embedded default stack (MLflow, Prefect, API, worker) as local processes under `home`."""
+"""The embedded default stack (MLflow, Prefect, API, worker, router) under `home`, watched."""
 
 from stagegate.stack.secrets import (
     StackSecrets,
@@ -7,14 +7,15 @@ from stagegate.stack.secrets import (
     load_secrets,
 )
 from stagegate.stack.specs import default_specs, worker_ready_file
-from stagegate.stack.supervisor import down, status, up
-from stagegate.supervise import HealthCheck, ServiceSpec, ServiceStatus
+from stagegate.stack.supervisor import down, status, up, watch, watchdog_status
+from stagegate.supervise import HealthCheck, ServiceSpec, ServiceStatus, WatchPolicy
 
 __all__ = [
     "HealthCheck",
     "ServiceSpec",
     "ServiceStatus",
     "StackSecrets",
+    "WatchPolicy",
     "default_specs",
     "down",
     "effective_alert_secret",
@@ -22,5 +23,7 @@ __all__ = [
     "load_secrets",
     "status",
     "up",
+    "watch",
+    "watchdog_status",
     "worker_ready_file",
 ]

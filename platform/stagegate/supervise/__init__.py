@@ -1,6 +1,18 @@
-"""Detached, health-checked process groups with pid files: the embedded stack and local serving."""
+"""Detached, health-checked process groups with pid files, and a watchdog that restarts them."""
 
 from stagegate.supervise.spec import HealthCheck, ServiceSpec
-from stagegate.supervise.supervisor import ServiceStatus, down, status, up
+from stagegate.supervise.supervisor import WATCHDOG, ServiceStatus, down, status, up
+from stagegate.supervise.watchdog import WatchPolicy, watch, watchdog_status
 
-__all__ = ["HealthCheck", "ServiceSpec", "ServiceStatus", "down", "status", "up"]
+__all__ = [
+    "WATCHDOG",
+    "HealthCheck",
+    "ServiceSpec",
+    "ServiceStatus",
+    "WatchPolicy",
+    "down",
+    "status",
+    "up",
+    "watch",
+    "watchdog_status",
+]

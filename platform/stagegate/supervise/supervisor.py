@@ -1,7 +1,9 @@
 """Start, health-check, report and stop services as detached process groups.
 
 State lives under a root folder: `run/{name}.json` (pid files), `logs/{name}.log`. The
-embedded stack (`stack/`) and the local serving backend each keep their own root.
+embedded stack (`stack/`) and the local serving backend each keep their own root. A root may
+also hold a watchdog (`watchdog.py`), recorded like a service under the reserved name
+`watchdog`; `down` stops it first.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from stagegate.supervise.spec import HealthCheck, ServiceSpec
 LOG_TAIL_LINES = 30
 _POLL_S = 0.2
 _HTTP_TIMEOUT_S = 2.0
+WATCHDOG = "watchdog"  # reserved: the record of the root's watchdog process
 # Children started by this process, kept so they can be reaped (no zombies, no warnings).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -40,6 +43,23 @@ class ServiceStatus(BaseModel):
     log: str
     started_at: datetime | None = None
     rss_bytes: int | None = Field(default=None, description="Summed over the process group.")
+    restarts: int = Field(default=0, description="Restarts by the watchdog since `up`.")
+    last_restart_at: datetime | None = None
+    last_restart_reason: str | None = None
+    failed: str | None = Field(
+        default=None, description="Why the watchdog gave up on it (with the log tail)."
+    )
+
+
+class RestartHistory(BaseModel):
+    """What the watchdog did to a service since `up` started it."""
+
+    count: int = 0
+    last_at: datetime | None = None
+    last_reason: str | None = None
+    recent: list[datetime] = Field(
+        default_factory=list, description="Restart times inside the crash-loop window."
+    )
 
 
 class ServiceRecord(BaseModel):
@@ -55,6 +75,8 @@ class ServiceRecord(BaseModel):
     log: str
     log_offset: int = Field(description="Where this run's output begins in the log.")
     health_check: HealthCheck
+    restarts: RestartHistory = Field(default_factory=RestartHistory)
+    failed: str | None = Field(default=None, description="Set when the watchdog gave up.")
 
 
 class _Dirs:
@@ -62,6 +84,7 @@ class _Dirs:
         self.home = root.resolve()
         self.run = self.home / "run"
         self.logs = self.home / "logs"
+        self.watch_plan = self.run / "watchdog.plan"
 
     def record(self, name: str) -> Path:
         return self.run / f"{name}.json"
@@ -131,11 +154,15 @@ def down(root: Path, *, timeout_s: float = 15, names: Sequence[str] | None = Non
     stopped = []
     with _lock(dirs):
         records = sorted(_read_records(dirs).values(), key=lambda r: r.started_at, reverse=True)
+        # The watchdog first, so it never restarts what is being stopped.
+        records.sort(key=lambda r: r.name != WATCHDOG)
         for record in records:
             if names is not None and record.name not in names:
                 continue
             if _stop(dirs, record, timeout_s=timeout_s):
                 stopped.append(record.name)
+        if names is None or WATCHDOG in names:
+            dirs.watch_plan.unlink(missing_ok=True)
     return stopped
 
 
@@ -143,28 +170,37 @@ def status(root: Path, urls: dict[str, str | None] | None = None) -> dict[str, S
     """Each service's state, read from the pid files (works from any process).
 
     `urls` names the services expected (listed even when stopped) and where users reach them.
+    The watchdog is not a service: it is listed only when `urls` names it (see `watch`).
     """
     dirs = _Dirs(root)
     urls = dict(urls or {})
     records = _read_records(dirs) if dirs.run.is_dir() else {}
-    names = list(urls) + [name for name in records if name not in urls]
-    result = {}
-    for name in names:
-        record = records.get(name)
-        if record is None or not _alive(record):
-            result[name] = ServiceStatus(name=name, url=urls.get(name), log=str(dirs.log(name)))
-            continue
-        result[name] = ServiceStatus(
-            name=name,
-            url=record.url,
-            pid=record.pid,
-            running=True,
-            healthy=_healthy(record),
-            log=record.log,
-            started_at=record.started_at,
-            rss_bytes=procs.rss_bytes(procs.group_members(record.pgid)),
-        )
-    return result
+    names = list(urls) + [name for name in records if name not in urls and name != WATCHDOG]
+    return {name: _status(dirs, name, records.get(name), urls.get(name)) for name in names}
+
+
+def _status(dirs: _Dirs, name: str, record: ServiceRecord | None, url: str | None) -> ServiceStatus:
+    if record is None:
+        return ServiceStatus(name=name, url=url, log=str(dirs.log(name)))
+    history = {
+        "restarts": record.restarts.count,
+        "last_restart_at": record.restarts.last_at,
+        "last_restart_reason": record.restarts.last_reason,
+        "failed": record.failed,
+    }
+    if not _alive(record):
+        return ServiceStatus(name=name, url=url or record.url, log=record.log, **history)
+    return ServiceStatus(
+        name=name,
+        url=record.url,
+        pid=record.pid,
+        running=True,
+        healthy=_healthy(record),
+        log=record.log,
+        started_at=record.started_at,
+        rss_bytes=procs.rss_bytes(procs.group_members(record.pgid)),
+        **history,
+    )
 
 
 # -- selection ----------------------------------------------------------------------------
@@ -173,6 +209,8 @@ def status(root: Path, urls: dict[str, str | None] | None = None) -> dict[str, S
 def _select(specs: list[ServiceSpec], services: Sequence[str] | None) -> list[ServiceSpec]:
     """The requested specs plus their dependencies, in the given order; refuses cycles."""
     by_name = {s.name: s for s in specs}
+    if WATCHDOG in by_name:
+        raise InvalidInput(f"the service name {WATCHDOG!r} is reserved for the watchdog")
     for spec in specs:
         missing = [d for d in spec.depends_on if d not in by_name]
         if missing:
@@ -210,6 +248,21 @@ def _lock(dirs: _Dirs) -> Iterator[None]:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _try_lock(dirs: _Dirs) -> Iterator[bool]:
+    """The same lock without waiting: yields False while an `up` or `down` holds it."""
+    with open(dirs.run / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -291,7 +344,12 @@ def _adopt_or_clean(
 # -- start and stop -----------------------------------------------------------------------
 
 
-def _start(dirs: _Dirs, spec: ServiceSpec, emit: Callable[[str], None]) -> ServiceRecord:
+def _start(
+    dirs: _Dirs,
+    spec: ServiceSpec,
+    emit: Callable[[str], None],
+    restarts: RestartHistory | None = None,
+) -> ServiceRecord:
     if spec.port is not None:
         try:
             taken = procs.port_in_use(spec.host, spec.port)
@@ -339,6 +397,7 @@ def _start(dirs: _Dirs, spec: ServiceSpec, emit: Callable[[str], None]) -> Servi
         log=str(log_path),
         log_offset=offset,
         health_check=spec.health_check,
+        restarts=restarts or RestartHistory(),
     )
     _write_record(dirs, record)
     emit(f"{spec.name}: started (pid {child.pid}), log {log_path}")
