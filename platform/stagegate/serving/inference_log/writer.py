@@ -11,7 +11,14 @@ order, so what survives in a partition is a gap-free prefix of what was appended
 write failed and is being retried). Files are fsynced before they are renamed into place,
 but their folders are not: a power loss may lose the last files, never leave a torn one.
 
-Readers: `read_records`, `query`/`connect` (DuckDB) and the labels functions, re-exported here.
+Features. After a partition's records are written, the same thread decodes their request
+bodies into typed feature rows and writes them under `_features/` (`features.py`): that work
+never touches the request path, and a body it cannot decode costs only its feature rows (the
+record is written all the same; `features` counts them). A failed feature write is logged and
+counted, not retried: the records, which are, hold the JSON inputs.
+
+Readers: `read_records`, `read_features`, `query`/`connect` (DuckDB) and the labels functions,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -20,8 +27,15 @@ import atexit
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import replace
 from datetime import date
 
+from stagegate.serving.inference_log.features import (
+    FEATURES_DIR,
+    FeatureCounts,
+    feature_table,
+    read_features,
+)
 from stagegate.serving.inference_log.format import (
     open_root,
     partition_dir,
@@ -40,11 +54,13 @@ from stagegate.serving.inference_log.read import connect, query, read_records
 from stagegate.serving.inference_log.records import InferenceRecord
 
 __all__ = [
+    "FeatureCounts",
     "LabelRecord",
     "LocalInferenceLog",
     "attach_labels",
     "connect",
     "query",
+    "read_features",
     "read_labeled",
     "read_labels",
     "read_records",
@@ -64,6 +80,7 @@ class LocalInferenceLog:
         flush_rows: int = 1000,
         flush_interval_s: float = 1.0,
         max_buffer_rows: int = 100_000,
+        features: bool = True,
     ) -> None:
         if flush_rows < 1 or flush_interval_s <= 0 or max_buffer_rows < 1:
             raise ValueError("need flush_rows >= 1, flush_interval_s > 0, max_buffer_rows >= 1")
@@ -76,6 +93,8 @@ class LocalInferenceLog:
         self._closed = False
         self._dropped = 0
         self._flushed = 0
+        self._decode = features  # False: records only, no `_features/` files
+        self._features = FeatureCounts()
         # A daemon, because the interpreter joins other threads before it runs atexit hooks,
         # and close() (an atexit hook) is what stops this one.
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
@@ -93,6 +112,12 @@ class LocalInferenceLog:
         """Records written so far."""
         with self._wake:
             return self._flushed
+
+    @property
+    def features(self) -> FeatureCounts:
+        """What decoding the records into feature rows made of them so far (a copy)."""
+        with self._wake:
+            return replace(self._features)
 
     def append(self, record: InferenceRecord) -> None:
         with self._wake:
@@ -158,4 +183,24 @@ class LocalInferenceLog:
             except Exception:
                 log.exception("inference log: writing %d records failed", len(records))
                 unwritten += records
+                continue
+            if self._decode:
+                self._write_features(model, day, records)
         return unwritten
+
+    def _write_features(self, model: str, day: date, records: list[InferenceRecord]) -> None:
+        counts = FeatureCounts()
+        table = None
+        try:
+            table, counts = feature_table(records)
+            if table is not None:
+                root = f"{self._root}/{FEATURES_DIR}"
+                write_parquet(
+                    self._fs, partition_dir(root, model=model, date=day.isoformat()), table
+                )
+                counts.rows = table.num_rows
+        except Exception:  # never let the features stop the records
+            log.exception("inference log: the feature rows of %d records failed", len(records))
+            counts.failed_rows += 0 if table is None else table.num_rows
+        with self._wake:
+            self._features.add(counts)
