@@ -205,8 +205,10 @@ def _from_csv(body: bytes) -> Inputs:
                 strings_can_be_null=True, column_types=dict.fromkeys(temporal, pa.string())
             )
             table = pacsv.read_csv(BytesIO(body), convert_options=options)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise Undecodable(f"not CSV: {exc}") from None
+    if any(pa.types.is_binary(f.type) for f in table.schema):  # what pyarrow makes of it
+        raise Undecodable("the CSV is not UTF-8")  # and the model server refuses it
     return _from_table(table)
 
 
@@ -215,10 +217,11 @@ def _from_parquet(body: bytes) -> Inputs:
         table = pq.read_table(BytesIO(body))
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise Undecodable(f"not Parquet: {exc}") from None
-    # pandas keeps its index in columns of these names; mlflow (pandas) reads them back as the
-    # index, not as features.
-    keep = [n for n in table.column_names if not n.startswith("__index_level_")]
-    return _from_table(table.select(keep))
+    # A frame written by pandas keeps its index in columns its metadata names; mlflow reads
+    # the body with pandas, which makes them the index again, not features.
+    pandas = table.schema.pandas_metadata or {}
+    index = {c for c in pandas.get("index_columns", []) if isinstance(c, str)}
+    return _from_table(table.select([n for n in table.column_names if n not in index]))
 
 
 def _from_table(table: Any) -> Inputs:
