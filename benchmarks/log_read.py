@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/log_read.py [--quick]
 
 Logs 1M rows (`--quick`: 100k) x 25 features (15 float, 5 integer, 5 categorical columns), 10
-rows per request, half the requests `dataframe_split` and half `dataframe_records`, each with
-one prediction per row, through `LocalInferenceLog` as the router hands them over (the body's
-bytes and the parsed JSON). The log writes 1000 records a file (its default).
+rows per request (`--rows-per-request 1|10|100`), half the requests `dataframe_split` and half
+`dataframe_records`, each with one prediction per row, through `LocalInferenceLog` as the router hands them over (the body's
+bytes and the parsed JSON). The log writes 1000 records a file and 100,000 feature rows a file
+(its defaults).
 
 Measured:
   decode_rows_per_s   `feature_table`, what the writer's thread runs on each batch, alone
@@ -46,8 +47,7 @@ from stagegate.serving.inference_log.writer import (
 )
 
 MODEL = "bench"
-ROWS_PER_REQUEST = 10
-CHUNK_REQUESTS = 10_000  # generated, then logged, a chunk at a time (bounded memory)
+CHUNK_ROWS = 100_000  # generated, then logged, a chunk at a time (bounded memory)
 FLUSH_ROWS = 1000
 FLOATS = [f"num_{i}" for i in range(15)]
 INTS = [f"int_{i}" for i in range(5)]
@@ -56,10 +56,11 @@ COLUMNS = [*FLOATS, *INTS, *CATEGORIES]
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def chunk(index: int, requests: int) -> list[InferenceRecord]:
-    """Records as the router builds them: the body's bytes and its orjson parse."""
+def chunk(index: int, per_request: int) -> list[InferenceRecord]:
+    """CHUNK_ROWS rows in records as the router builds them: the body's bytes and its parse."""
     rng = np.random.default_rng(index)
-    rows = requests * ROWS_PER_REQUEST
+    rows = CHUNK_ROWS
+    requests = rows // per_request
     floats = rng.normal(size=(rows, len(FLOATS))).round(6).tolist()
     ints = rng.integers(0, 1000, size=(rows, len(INTS))).tolist()
     levels = np.array([f"level_{i}" for i in range(12)])
@@ -67,8 +68,8 @@ def chunk(index: int, requests: int) -> list[InferenceRecord]:
     scores = rng.random(rows).round(6).tolist()
     out = []
     for r in range(requests):
-        first = (index * CHUNK_REQUESTS + r) * ROWS_PER_REQUEST
-        span = slice(r * ROWS_PER_REQUEST, (r + 1) * ROWS_PER_REQUEST)
+        first = index * CHUNK_ROWS + r * per_request
+        span = slice(r * per_request, (r + 1) * per_request)
         data = [f + i + c for f, i, c in zip(floats[span], ints[span], cats[span], strict=True)]
         if r % 2:
             doc: Any = {"dataframe_records": [dict(zip(COLUMNS, row, strict=True)) for row in data]}
@@ -94,18 +95,19 @@ def chunk(index: int, requests: int) -> list[InferenceRecord]:
     return out
 
 
-def log_chunks(root: str, chunks: int, *, features: bool) -> tuple[float, float]:
+def log_chunks(root: str, chunks: int, per_request: int, *, features: bool) -> tuple[float, float]:
     """(seconds the writer took, seconds of `feature_table` alone) over every chunk."""
     log = LocalInferenceLog(
         root,
         flush_rows=FLUSH_ROWS,
         flush_interval_s=60,
-        max_buffer_rows=CHUNK_REQUESTS,
+        max_buffer_rows=CHUNK_ROWS,
         features=features,
+        features_flush_rows=CHUNK_ROWS,  # the default, 100,000
     )
     written = decode = 0.0
     for i in range(chunks):
-        records = chunk(i, CHUNK_REQUESTS)
+        records = chunk(i, per_request)
         if features:  # the decoding alone, on the writer's batches
             started = time.perf_counter()
             for b in range(0, len(records), FLUSH_ROWS):
@@ -120,6 +122,10 @@ def log_chunks(root: str, chunks: int, *, features: bool) -> tuple[float, float]
                 log.append(record)
             while log.flushed < target:
                 time.sleep(0.0005)
+        # A chunk is as many rows as the log writes per features file: wait for that file.
+        rows = (i + 1) * CHUNK_ROWS
+        while features and log.features.rows < rows:
+            time.sleep(0.0005)
         written += time.perf_counter() - started
     log.close()
     assert log.dropped == 0, log.dropped
@@ -172,16 +178,20 @@ def folder_mb(path: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k rows instead of 1M")
+    parser.add_argument(
+        "--rows-per-request", type=int, choices=[1, 10, 100], default=10, help="default: 10"
+    )
     args = parser.parse_args()
     rows = 100_000 if args.quick else 1_000_000
-    chunks = rows // (CHUNK_REQUESTS * ROWS_PER_REQUEST)
+    chunks = rows // CHUNK_ROWS
+    per_request = args.rows_per_request
     tmp = Path(tempfile.mkdtemp(prefix="stagegate-log-read-"))
     try:
         root, records_only = str(tmp / "log"), str(tmp / "records-only")
-        write_s, decode_s = log_chunks(root, chunks, features=True)
-        records_only_s, _ = log_chunks(records_only, chunks, features=False)
+        write_s, decode_s = log_chunks(root, chunks, per_request, features=True)
+        records_only_s, _ = log_chunks(records_only, chunks, per_request, features=False)
         print(
-            f"wrote {rows:,} rows x {len(COLUMNS)} features in {chunks * CHUNK_REQUESTS:,} "
+            f"wrote {rows:,} rows x {len(COLUMNS)} features in {rows // per_request:,} "
             f"requests: decode {rows / decode_s:,.0f} rows/s alone; the writer "
             f"{rows / write_s:,.0f} rows/s ({rows / records_only_s:,.0f} rows/s records only)",
             flush=True,
@@ -223,7 +233,7 @@ def main() -> None:
                 "quick": args.quick,
                 "rows": rows,
                 "features": len(COLUMNS),
-                "rows_per_request": ROWS_PER_REQUEST,
+                "rows_per_request": per_request,
                 "feature_files": files,
                 "read_s": round(read_s, 3),
                 "baseline_read_s": round(baseline_s, 3),

@@ -385,10 +385,17 @@ def test_json_the_router_could_not_parse_is_read_as_the_model_server_reads_it(ro
     assert values[0] != values[0]  # NaN, as mlflow's parser reads it
 
 
-def test_a_request_over_max_rows_keeps_every_kth_row(root: str) -> None:
+@pytest.mark.parametrize("content_type", [JSON, CSV])
+def test_a_request_over_max_rows_keeps_every_kth_row(root: str, content_type: str) -> None:
     rows = 2 * decode.MAX_ROWS + 1  # every 3rd row: 0, 3, …, 20001
-    body = orjson.dumps({"dataframe_split": {"columns": ["v"], "data": [[i] for i in range(rows)]}})
-    log = write(root, [rec(0, body, output=[2 * i for i in range(rows)])])
+    if content_type == JSON:
+        body = orjson.dumps(
+            {"dataframe_split": {"columns": ["v"], "data": [[i] for i in range(rows)]}}
+        )
+    else:
+        body = ("v\n" + "".join(f"{i}\n" for i in range(rows))).encode()
+    output = [2 * i for i in range(rows)]
+    log = write(root, [rec(0, body, content_type=content_type, output=output)])
     table = read_features(root, model="fraud")
     kept = list(range(0, rows, 3))
     assert len(kept) <= decode.MAX_ROWS
@@ -414,6 +421,42 @@ def test_a_failed_feature_write_keeps_the_records(root: str) -> None:
     assert read_records(root).num_rows == 1
     assert (log.flushed, log.dropped) == (1, 0)
     assert (log.features.rows, log.features.failed_rows) == (0, 2)
+
+
+def test_feature_rows_wait_for_a_big_enough_file_or_their_age(tmp_path: Path) -> None:
+    body = orjson.dumps({"dataframe_records": [{"a": 1}, {"a": 2}]})
+    root = str(tmp_path / "by-size")
+    log = LocalInferenceLog(
+        root,
+        flush_rows=1,
+        flush_interval_s=0.05,
+        features_flush_rows=3,
+        features_flush_interval_s=60,
+    )
+    log.append(rec(0, body, output=[1, 2]))
+    wait_for("the first record", lambda: log.flushed == 1)
+    log.append(rec(1, body, output=[1, 2]))
+    wait_for("a features file", lambda: log.features.rows == 4)
+    assert (
+        read_features(root, model="fraud")["request_id"].to_pylist()
+        == ["req-0000"] * 2 + ["req-0001"] * 2
+    )
+    # Two record files, one features file: the first record's rows waited for the second's.
+    assert len(list(Path(root, "model=fraud").rglob("*.parquet"))) == 2
+    assert len(list(Path(root, FEATURES_DIR).rglob("*.parquet"))) == 1
+    log.close()
+
+    root = str(tmp_path / "by-age")
+    aged = LocalInferenceLog(
+        root, flush_rows=1, flush_interval_s=0.05, features_flush_interval_s=0.2
+    )
+    aged.append(rec(0, body, output=[1, 2]))
+    wait_for("rows written for their age", lambda: aged.features.rows == 2, timeout_s=5)
+    assert read_features(root, model="fraud").num_rows == 2
+    aged.close()
+
+    with pytest.raises(ValueError, match="features_flush_rows"):
+        LocalInferenceLog(root, features_flush_rows=0)
 
 
 def test_features_can_be_switched_off(root: str) -> None:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from operator import itemgetter
 from typing import Any
 
-import numpy as np
 import orjson
 import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.csv as pacsv  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
@@ -37,7 +35,7 @@ _FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 
 # The work one request may cost the writer. A request over MAX_ROWS rows keeps every k-th row
 # (k = ceil(rows / MAX_ROWS), so at most MAX_ROWS, spread evenly; `row` keeps the original
-# index); one over MAX_COLUMNS feature columns contributes no rows and counts as undecodable.
+# index); one over MAX_COLUMNS feature columns gives no rows and counts as undecodable.
 MAX_ROWS = 10_000
 MAX_COLUMNS = 1_000
 
@@ -56,13 +54,15 @@ class Undecodable(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Inputs:
-    """One request's rows: Python columns (JSON bodies) or an Arrow table (CSV, Parquet).
+    """One request's rows: Python rows (JSON bodies) or an Arrow table (CSV, Parquet).
 
-    Either way the columns have their stored names (`stored_names`)."""
+    Rows, not columns, because most requests hold one row or a few: a request's rows are
+    only referenced here, and a whole batch's rows are turned into columns at once."""
 
-    rows: int
-    columns: Columns | None = None
-    table: Any = None  # pyarrow.Table with canonical column types (`canonical`)
+    count: int
+    names: tuple[str, ...] = ()  # the stored names (`stored_names`) of the JSON columns
+    rows: Sequence[Sequence[Any]] = ()  # JSON: one sequence of values per row, in `names` order
+    table: Any = None  # CSV and Parquet: a pyarrow.Table of canonical columns, stored names
 
 
 def media_type(content_type: str | None) -> str:
@@ -147,41 +147,38 @@ def _from_rows(data: Any, columns: Any) -> Inputs:
             names = stored_names(columns)
         else:
             raise Undecodable("the columns do not match the rows")
-        return Inputs(len(data), dict(zip(names, zip(*data, strict=True), strict=True)))
+        return Inputs(len(data), names, data)
     if columns is not None or kinds & {dict, list}:
         raise Undecodable("the rows mix shapes")
-    return Inputs(len(data), {stored_names((0,))[0]: data})
+    return Inputs(len(data), stored_names((0,)), list(zip(data)))
 
 
 def _from_records(records: list[dict[Any, Any]]) -> Inputs:
     keys = list(records[0])
     if not keys:
-        return Inputs(len(records), {})
+        return Inputs(len(records), (), [()] * len(records))
     if set(map(len, records)) == {len(keys)}:
-        getter = itemgetter(*keys)
-        try:  # all the same length and none lacks a key: all have the same keys
-            rows = list(map(getter, records))
+        get = itemgetter(*keys) if len(keys) > 1 else lambda r: (r[keys[0]],)
+        try:  # all of one length and none lacks a key: all have the same keys
+            return Inputs(len(records), stored_names(keys), list(map(get, records)))
         except KeyError:
             pass
-        else:
-            values = zip(*rows, strict=True) if len(keys) > 1 else (rows,)
-            return Inputs(len(records), dict(zip(stored_names(keys), values, strict=True)))
     seen = list(dict.fromkeys(k for r in records for k in r))  # every key, first-seen order
-    columns = [[r.get(k) for r in records] for k in seen]
-    return Inputs(len(records), dict(zip(stored_names(seen), columns, strict=True)))
+    rows = [tuple(r.get(k) for k in seen) for r in records]
+    return Inputs(len(records), stored_names(seen), rows)
 
 
 def _from_column_dict(columns: dict[Any, Any]) -> Inputs:
-    values = list(columns.values())
     names = stored_names(list(columns))
+    values = list(columns.values())
     kinds = set(map(type, values))
     if kinds == {list}:
         lengths = set(map(len, values))
         if len(lengths) != 1:
             raise Undecodable("the columns differ in length")
-        return Inputs(lengths.pop(), dict(zip(names, values, strict=True)))
+        return Inputs(lengths.pop(), names, list(zip(*values, strict=True)))
     if not kinds & {list, dict}:
-        return Inputs(1, {name: [v] for name, v in zip(names, values, strict=True)})  # one row
+        return Inputs(1, names, [values])  # one row given as scalars
     raise Undecodable("the columns mix lists and scalars")
 
 
@@ -227,7 +224,7 @@ def _from_parquet(body: bytes) -> Inputs:
 def _from_table(table: Any) -> Inputs:
     names = stored_names(table.column_names)
     arrays = [canonical(table.column(i)) for i in range(table.num_columns)]
-    return Inputs(table.num_rows, table=pa.Table.from_arrays(arrays, names=names))
+    return Inputs(table.num_rows, table=pa.Table.from_arrays(arrays, names=list(names)))
 
 
 # -- column types ------------------------------------------------------------------------------
@@ -321,21 +318,23 @@ def _prediction_list(output: list[Any]) -> Columns:
 # -- names and sampling --------------------------------------------------------------------
 
 
-def stored_names(keys: Sequence[Any]) -> list[str]:
+def stored_names(keys: Sequence[Any]) -> tuple[str, ...]:
     """The stored names of a request's columns, checked; raise Undecodable.
 
     A non-string name is its JSON text (`0`); a feature named like a column of the features
     table (or `prediction`, `prediction.*`, `model`, `date`) gets an `input.` prefix, more
     than one if that one is taken. Cached: a model's requests mostly name the same columns.
     """
-    try:
-        return list(_stored_names(tuple(keys)))
+    keys = tuple(keys)
+    try:  # the types too, or 1 and True would share an entry
+        return _stored_names(keys, tuple(map(type, keys)))
     except TypeError:  # an unhashable name: a list given as a column name
-        return list(_stored_names(tuple(map(_name, keys))))
+        keys = tuple(map(_name, keys))
+        return _stored_names(keys, ())
 
 
 @functools.lru_cache(maxsize=256)
-def _stored_names(keys: tuple[Any, ...]) -> tuple[str, ...]:
+def _stored_names(keys: tuple[Any, ...], _types: tuple[type, ...]) -> tuple[str, ...]:
     if len(keys) > MAX_COLUMNS:
         raise Undecodable(f"{len(keys)} columns; at most {MAX_COLUMNS} are decoded")
     names = [_name(k) for k in keys]
@@ -355,18 +354,7 @@ def _stored_names(keys: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def sample(rows: int) -> np.ndarray[Any, Any] | None:
-    """The kept row indexes of a request over MAX_ROWS rows (every k-th); None: keep all."""
-    if rows <= MAX_ROWS:
-        return None
-    step = -(-rows // MAX_ROWS)
-    return np.arange(0, rows, step, dtype=np.int64)
-
-
-def take_columns(columns: Mapping[str, Sequence[Any]], keep: np.ndarray[Any, Any]) -> Columns:
-    indexes = keep.tolist()
-    return {name: [values[i] for i in indexes] for name, values in columns.items()}
-
-
-def take_table(table: Any, keep: np.ndarray[Any, Any]) -> Any:
-    return pc.take(table, pa.array(keep))
+def sample(rows: int) -> int:
+    """The step that keeps every k-th row of a request over MAX_ROWS rows (at most MAX_ROWS of
+    them, spread evenly); 1 keeps all."""
+    return 1 if rows <= MAX_ROWS else -(-rows // MAX_ROWS)

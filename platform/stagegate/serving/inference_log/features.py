@@ -13,6 +13,7 @@ type a column differently; they are unified by `unified_type`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
@@ -34,8 +35,6 @@ from stagegate.serving.inference_log.decode import (
     decode_inputs,
     prediction_columns,
     sample,
-    take_columns,
-    take_table,
 )
 from stagegate.serving.inference_log.format import (
     TIMESTAMP,
@@ -44,6 +43,7 @@ from stagegate.serving.inference_log.format import (
     open_root,
     partition_dir,
     utc,
+    write_parquet,
 )
 from stagegate.serving.inference_log.records import InferenceRecord, Role
 
@@ -62,6 +62,9 @@ META_SCHEMA = pa.schema(
     ]
 )
 
+# The order of the rows within a file.
+ORDER = [(name, "ascending") for name in ("at", "request_id", "role", "row")]
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -75,6 +78,7 @@ class FeatureCounts:
     sampled: int = 0  # records over MAX_ROWS rows, of which every k-th row was kept
     unmatched: int = 0  # records whose output is not one prediction per row: no predictions
     failed_rows: int = 0  # rows decoded but not written (the write failed; not retried)
+    # Rows decoded and waiting to be written are in none of these.
 
     def add(self, other: FeatureCounts) -> None:
         for f in fields(self):
@@ -83,16 +87,18 @@ class FeatureCounts:
 
 @dataclass
 class _Group:
-    """The JSON requests of a batch that name the same columns, kept as they came."""
+    """The JSON requests of a batch with the same feature and prediction columns."""
 
-    names: tuple[str, ...]
-    values: list[tuple[Sequence[Any], ...]] = field(default_factory=list)  # per request
+    features: tuple[str, ...]
+    predictions: tuple[str, ...]
+    rows: list[Sequence[Any]] = field(default_factory=list)  # every request's rows, in order
+    answers: list[tuple[Sequence[Any], ...]] = field(default_factory=list)  # per request
     ids: list[str] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
     at_us: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
-    sampled: list[tuple[int, Any]] = field(default_factory=list)  # (request, kept indexes)
+    sampled: list[tuple[int, int]] = field(default_factory=list)  # (request, step)
 
     def table(self) -> Any:
         sizes = np.asarray(self.sizes)
@@ -104,19 +110,22 @@ class _Group:
             pa.array(np.repeat(np.asarray(self.at_us, dtype=np.int64), sizes)).cast(TIMESTAMP),
             pa.array(self._row_numbers(sizes)),
         ]
-        # Each column's values of every request, joined in C.
-        columns = [
-            column_array(list(chain.from_iterable(parts)))
-            for parts in zip(*self.values, strict=True)
-        ]
-        return pa.Table.from_arrays([*meta, *columns], names=[*META_SCHEMA.names, *self.names])
+        # All the batch's rows become columns in one transposition, in C.
+        width = len(self.features)
+        features = zip(*self.rows, strict=True) if self.rows and width else [()] * width
+        predictions = (
+            list(chain.from_iterable(parts)) for parts in zip(*self.answers, strict=True)
+        )
+        columns = [column_array(values) for values in (*features, *predictions)]
+        names = [*META_SCHEMA.names, *self.features, *self.predictions]
+        return pa.Table.from_arrays([*meta, *columns], names=names)
 
     def _row_numbers(self, sizes: Any) -> Any:
-        """Each row's index in its request: 0, 1, … per request, or the kept indexes."""
+        """Each row's index in its request: 0, 1, … per request (every k-th when sampled)."""
         starts = np.cumsum(sizes) - sizes
         numbers = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
-        for request, keep in self.sampled:
-            numbers[starts[request] : starts[request] + len(keep)] = keep
+        for request, step in self.sampled:
+            numbers[starts[request] : starts[request] + sizes[request]] *= step
         return numbers.astype(np.int32)
 
 
@@ -125,7 +134,7 @@ class FeatureBatch:
 
     def __init__(self) -> None:
         self.counts = FeatureCounts()
-        self._groups: dict[tuple[str, ...], _Group] = {}  # JSON bodies, by column names
+        self._groups: dict[tuple[tuple[str, ...], tuple[str, ...]], _Group] = {}  # JSON bodies
         self._tables: list[Any] = []  # CSV and Parquet bodies: a table each, meta included
 
     def add(self, record: InferenceRecord) -> None:
@@ -137,64 +146,55 @@ class FeatureBatch:
             self.counts.undecodable += 1
             log.debug("request %s: no features: %s", record.request_id, exc)
             return
-        if inputs.rows == 0:
+        if inputs.count == 0:
             return
-        predictions = prediction_columns(record.output, inputs.rows)
+        predictions = prediction_columns(record.output, inputs.count)
         if predictions is None:
             self.counts.unmatched += 1
             predictions = {}
-        keep = sample(inputs.rows)
-        if keep is not None:
+        step = sample(inputs.count)
+        if step > 1:
             self.counts.sampled += 1
-            predictions = take_columns(predictions, keep)
-        if inputs.columns is not None:
-            self._add_columns(record, inputs.columns, inputs.rows, predictions, keep)
+            predictions = {name: values[::step] for name, values in predictions.items()}
+        if inputs.table is None:
+            self._add_rows(record, inputs, predictions, step)
         else:
-            self._add_table(record, inputs, predictions, keep)
+            self._add_table(record, inputs.table, predictions, step)
 
-    def _add_columns(
-        self,
-        record: InferenceRecord,
-        features: Columns,
-        rows: int,
-        predictions: Columns,
-        keep: Any,
+    def _add_rows(
+        self, record: InferenceRecord, inputs: Inputs, predictions: Columns, step: int
     ) -> None:
-        if keep is not None:
-            features = take_columns(features, keep)
-            rows = len(keep)
-        names = (*features, *predictions)
-        group = self._groups.get(names)
+        key = (inputs.names, tuple(predictions))
+        group = self._groups.get(key)
         if group is None:
-            group = self._groups[names] = _Group(names)
-        if keep is not None:
-            group.sampled.append((len(group.sizes), keep))
-        group.values.append((*features.values(), *predictions.values()))
+            group = self._groups[key] = _Group(*key)
+        rows = inputs.rows if step == 1 else inputs.rows[::step]
+        if step > 1:
+            group.sampled.append((len(group.sizes), step))
+        group.rows.extend(rows)
+        group.answers.append(tuple(predictions.values()))
         group.ids.append(record.request_id)
         group.versions.append(record.version)
         group.roles.append(str(record.role))
         group.at_us.append((utc(record.at) - _EPOCH) // _MICROSECOND)
-        group.sizes.append(rows)
+        group.sizes.append(len(rows))
 
     def _add_table(
-        self, record: InferenceRecord, inputs: Inputs, predictions: Columns, keep: Any
+        self, record: InferenceRecord, table: Any, predictions: Columns, step: int
     ) -> None:
-        table = inputs.table if keep is None else take_table(inputs.table, keep)
+        index = np.arange(0, table.num_rows, step, dtype=np.int32)
+        if step > 1:
+            table = table.take(pa.array(index))
         rows = table.num_rows
-        row_index = np.arange(rows, dtype=np.int32) if keep is None else keep
         at_us = (utc(record.at) - _EPOCH) // _MICROSECOND
         meta = [
             pa.array([record.request_id] * rows, pa.string()),
             pa.array(np.full(rows, record.version, dtype=np.int32)),
             pa.array([str(record.role)] * rows, pa.string()),
             pa.array(np.full(rows, at_us, dtype=np.int64)).cast(TIMESTAMP),
-            pa.array(row_index.astype(np.int32)),
+            pa.array(index),
         ]
-        arrays = [
-            *meta,
-            *table.columns,
-            *(column_array(values) for values in predictions.values()),
-        ]
+        arrays = [*meta, *table.columns, *map(column_array, predictions.values())]
         names = [*META_SCHEMA.names, *table.column_names, *predictions]
         self._tables.append(pa.Table.from_arrays(arrays, names=names))
 
@@ -210,6 +210,62 @@ def feature_table(records: Sequence[InferenceRecord]) -> tuple[Any | None, Featu
     for record in records:
         batch.add(record)
     return batch.table(), batch.counts
+
+
+class FeatureFiles:
+    """Feature rows gathered over the writer's batches, written one file per partition when
+    it holds `flush_rows` rows or its oldest rows are `flush_interval_s` old.
+
+    Much bigger files than the records': a reader pays about a millisecond per file and column,
+    so 1000-row files would read ten times slower than 100,000-row ones. The price is that
+    rows wait longer before they are written (and a crash loses those waiting; the records,
+    written first, still hold the JSON inputs).
+    """
+
+    def __init__(
+        self, fs: FileSystem, root: str, *, flush_rows: int, flush_interval_s: float
+    ) -> None:
+        self._fs = fs
+        self._root = f"{root}/{FEATURES_DIR}"
+        self._flush_rows = flush_rows
+        self._interval = flush_interval_s
+        self._waiting: dict[tuple[str, date], list[Any]] = {}
+        self._since: dict[tuple[str, date], float] = {}
+
+    def add(self, model: str, day: date, records: Sequence[InferenceRecord]) -> FeatureCounts:
+        """Decode the records (already written) of one partition; keep their rows to write."""
+        try:
+            table, counts = feature_table(records)
+        except Exception:  # a bug here must never stop the records
+            log.exception("inference log: decoding the features of %d records failed", len(records))
+            return FeatureCounts()
+        if table is not None:
+            self._waiting.setdefault((model, day), []).append(table)
+            self._since.setdefault((model, day), time.monotonic())
+        return counts
+
+    def flush(self, *, everything: bool = False) -> FeatureCounts:
+        """Write the partitions that are due (all of them with `everything`)."""
+        counts = FeatureCounts()
+        now = time.monotonic()
+        for key in list(self._waiting):
+            tables = self._waiting[key]
+            rows = sum(t.num_rows for t in tables)
+            due = rows >= self._flush_rows or now - self._since[key] >= self._interval
+            if not (everything or due):
+                continue
+            del self._waiting[key], self._since[key]
+            model, day = key
+            try:
+                table = unify_tables(tables).sort_by(ORDER)
+                directory = partition_dir(self._root, model=model, date=day.isoformat())
+                write_parquet(self._fs, directory, table, ordered=True)
+            except Exception:
+                log.exception("inference log: writing %d feature rows failed", rows)
+                counts.failed_rows += rows
+            else:
+                counts.rows += rows
+        return counts
 
 
 # -- one schema for tables that disagree ----------------------------------------------------
@@ -315,7 +371,13 @@ def read_features(
     until: datetime | None = None,
 ) -> Any:
     """The feature rows of `model` with since <= at < until (of that version and role when
-    given), ordered by `at`, request id, role and row; the meta columns alone when none."""
+    given); the meta columns alone when there are none.
+
+    Rows come as written: date by date, batch by batch, each batch ordered by `at`, request
+    id, role and row. Batches may overlap in time (a slow answer is written after faster
+    answers to later requests): `sort_by` for a strict order, which costs about half a second
+    on a million rows.
+    """
     start = None if since is None else _aware(since, "since")
     end = None if until is None else _aware(until, "until")
     fs, root = open_root(root_url)
@@ -335,30 +397,20 @@ def read_features(
         conditions.append(ds.field("at") < pa.scalar(end, TIMESTAMP))
     for condition in conditions:
         where = condition if where is None else where & condition
-    # Files of one schema are scanned together (threads, row filter); the groups are then
-    # cast to the unified schema, which a footer read of every file gives.
-    groups: dict[Any, tuple[Any, list[str]]] = {}
+    # Consecutive files of one schema are scanned together (threads, row filter), then cast
+    # to the schema that unifies them all (from a footer read of every file).
+    runs: list[tuple[Any, list[str]]] = []
     for path in files:
         schema = pq.read_schema(path, filesystem=arrow_fs)
-        key = tuple((f.name, str(f.type)) for f in schema)
-        groups.setdefault(key, (schema, []))[1].append(path)
-    schemas = [schema for schema, _ in groups.values()]
-    unified = unify_schemas(schemas)
-    tables = [
-        conform(
-            ds.dataset(paths, schema=schema, format="parquet", filesystem=arrow_fs).to_table(
-                filter=where
-            ),
-            unified,
+        if runs and runs[-1][0].equals(schema):
+            runs[-1][1].append(path)
+        else:
+            runs.append((schema, [path]))
+    unified = unify_schemas([schema for schema, _ in runs])
+    scanned = (
+        ds.dataset(paths, schema=schema, format="parquet", filesystem=arrow_fs).to_table(
+            filter=where
         )
-        for schema, paths in groups.values()
-    ]
-    table = pa.concat_tables(tables)
-    return table.sort_by(
-        [
-            ("at", "ascending"),
-            ("request_id", "ascending"),
-            ("role", "ascending"),
-            ("row", "ascending"),
-        ]
+        for schema, paths in runs
     )
+    return pa.concat_tables([conform(table, unified) for table in scanned])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -130,9 +131,13 @@ def records_from_table(table: Any) -> list[InferenceRecord]:
     ]
 
 
-def write_parquet(fs: FileSystem, directory: str, table: Any) -> str:
-    """Write one whole file that readers either see complete or not at all (locally)."""
-    name = f"part-{uuid.uuid4().hex}.parquet"
+def write_parquet(fs: FileSystem, directory: str, table: Any, *, ordered: bool = False) -> str:
+    """Write one whole file that readers either see complete or not at all (locally).
+
+    `ordered` puts the write time (ns) in the name, so the files of a folder list in the order
+    they were written (`part-<time>-<uuid>.parquet`)."""
+    stamp = f"{time.time_ns():020d}-" if ordered else ""
+    name = f"part-{stamp}{uuid.uuid4().hex}.parquet"
     if not is_local(fs):
         # Object stores publish an object only when its upload completes; other remote
         # filesystems may show a partial file while it is being written.

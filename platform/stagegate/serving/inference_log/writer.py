@@ -11,11 +11,13 @@ order, so what survives in a partition is a gap-free prefix of what was appended
 write failed and is being retried). Files are fsynced before they are renamed into place,
 but their folders are not: a power loss may lose the last files, never leave a torn one.
 
-Features. After a partition's records are written, the same thread decodes their request
-bodies into typed feature rows and writes them under `_features/` (`features.py`): that work
-never touches the request path, and a body it cannot decode costs only its feature rows (the
-record is written all the same; `features` counts them). A failed feature write is logged and
-counted, not retried: the records, which are, hold the JSON inputs.
+Features. Once a batch's records are written, the same thread decodes their request bodies
+into typed feature rows (`features.py`): that work never touches the request path, and a body
+it cannot decode costs only its feature rows (its record is written all the same; `features`
+counts it). The rows are written under `_features/` in bigger files than the records, which
+readers need: per partition, once it holds `features_flush_rows` rows or its oldest are
+`features_flush_interval_s` old, and at close. A crash loses the rows still waiting, and a
+failed feature write is logged and counted, not retried: the records hold the JSON inputs.
 
 Readers: `read_records`, `read_features`, `query`/`connect` (DuckDB) and the labels functions,
 re-exported here.
@@ -31,9 +33,8 @@ from dataclasses import replace
 from datetime import date
 
 from stagegate.serving.inference_log.features import (
-    FEATURES_DIR,
     FeatureCounts,
-    feature_table,
+    FeatureFiles,
     read_features,
 )
 from stagegate.serving.inference_log.format import (
@@ -69,6 +70,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_Part = tuple[str, date, list[InferenceRecord]]  # one partition's records: model, date, records
+
 
 class LocalInferenceLog:
     """An `InferenceLogWriter` onto any fsspec URL (a local folder by default)."""
@@ -81,9 +84,13 @@ class LocalInferenceLog:
         flush_interval_s: float = 1.0,
         max_buffer_rows: int = 100_000,
         features: bool = True,
+        features_flush_rows: int = 100_000,
+        features_flush_interval_s: float = 60.0,
     ) -> None:
         if flush_rows < 1 or flush_interval_s <= 0 or max_buffer_rows < 1:
             raise ValueError("need flush_rows >= 1, flush_interval_s > 0, max_buffer_rows >= 1")
+        if features_flush_rows < 1 or features_flush_interval_s <= 0:
+            raise ValueError("need features_flush_rows >= 1 and features_flush_interval_s > 0")
         self._fs, self._root = open_root(root_url)
         self._flush_rows = flush_rows
         self._interval = flush_interval_s
@@ -93,8 +100,17 @@ class LocalInferenceLog:
         self._closed = False
         self._dropped = 0
         self._flushed = 0
-        self._decode = features  # False: records only, no `_features/` files
         self._features = FeatureCounts()
+        self._feature_files = (  # None: records only, no `_features/` files
+            FeatureFiles(
+                self._fs,
+                self._root,
+                flush_rows=features_flush_rows,
+                flush_interval_s=features_flush_interval_s,
+            )
+            if features
+            else None
+        )
         # A daemon, because the interpreter joins other threads before it runs atexit hooks,
         # and close() (an atexit hook) is what stops this one.
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
@@ -153,7 +169,7 @@ class LocalInferenceLog:
                     self._wake.wait_for(self._due, self._interval)
                 batch, self._buffer = self._buffer, []
                 closing = self._closed
-            unwritten = self._write(batch)
+            unwritten, written = self._write(batch)
             with self._wake:
                 self._flushed += len(batch) - len(unwritten)
                 if closing:
@@ -163,6 +179,8 @@ class LocalInferenceLog:
                     self._dropped += len(unwritten) + len(self._buffer) - len(kept)
                     self._buffer = kept
                 dropped = self._dropped
+            if self._feature_files is not None:  # after the records are counted written
+                self._features_of(written, everything=closing)
             if dropped > reported:  # logged here, not in append(), which must not do I/O
                 log.warning("inference log dropped %d records so far", dropped)
                 reported = dropped
@@ -170,12 +188,14 @@ class LocalInferenceLog:
                 return
             failing = bool(unwritten)
 
-    def _write(self, batch: list[InferenceRecord]) -> list[InferenceRecord]:
-        """Write one file per partition; return the records of the partitions that failed."""
+    def _write(self, batch: list[InferenceRecord]) -> tuple[list[InferenceRecord], list[_Part]]:
+        """Write one file per partition; return the records of the partitions that failed,
+        and (model, date, records) of those written."""
         partitions: dict[tuple[str, date], list[InferenceRecord]] = defaultdict(list)
         for record in batch:
             partitions[record.model, utc(record.at).date()].append(record)
         unwritten: list[InferenceRecord] = []
+        written: list[_Part] = []
         for (model, day), records in partitions.items():
             directory = partition_dir(self._root, model=model, date=day.isoformat())
             try:
@@ -184,23 +204,14 @@ class LocalInferenceLog:
                 log.exception("inference log: writing %d records failed", len(records))
                 unwritten += records
                 continue
-            if self._decode:
-                self._write_features(model, day, records)
-        return unwritten
+            written.append((model, day, records))
+        return unwritten, written
 
-    def _write_features(self, model: str, day: date, records: list[InferenceRecord]) -> None:
+    def _features_of(self, written: list[_Part], *, everything: bool) -> None:
+        assert self._feature_files is not None
         counts = FeatureCounts()
-        table = None
-        try:
-            table, counts = feature_table(records)
-            if table is not None:
-                root = f"{self._root}/{FEATURES_DIR}"
-                write_parquet(
-                    self._fs, partition_dir(root, model=model, date=day.isoformat()), table
-                )
-                counts.rows = table.num_rows
-        except Exception:  # never let the features stop the records
-            log.exception("inference log: the feature rows of %d records failed", len(records))
-            counts.failed_rows += 0 if table is None else table.num_rows
+        for model, day, records in written:
+            counts.add(self._feature_files.add(model, day, records))
+        counts.add(self._feature_files.flush(everything=everything))
         with self._wake:
             self._features.add(counts)
