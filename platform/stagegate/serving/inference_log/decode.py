@@ -7,7 +7,6 @@ data alone: the model's signature is not at hand, so a column's type is what its
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -325,16 +324,28 @@ def stored_names(keys: Sequence[Any]) -> tuple[str, ...]:
     table (or `prediction`, `prediction.*`, `model`, `date`) gets an `input.` prefix, more
     than one if that one is taken. Cached: a model's requests mostly name the same columns.
     """
-    keys = tuple(keys)
-    try:  # the types too, or 1 and True would share an entry
-        return _stored_names(keys, tuple(map(type, keys)))
+    key = tuple(keys)
+    try:
+        hit = _NAMES.get(key)
     except TypeError:  # an unhashable name: a list given as a column name
-        keys = tuple(map(_name, keys))
-        return _stored_names(keys, ())
+        return _stored_names(tuple(map(_name, key)))
+    # Names that are all strings match only strings; others (1 == 1.0 == True) need their
+    # types checked too.
+    if hit is not None and (hit[1] is None or hit[1] == tuple(map(type, key))):
+        return hit[0]
+    names = _stored_names(key)
+    if len(_NAMES) >= _NAMES_CACHED:
+        _NAMES.clear()
+    types = tuple(map(type, key))
+    _NAMES[key] = (names, None if set(types) <= {str} else types)
+    return names
 
 
-@functools.lru_cache(maxsize=256)
-def _stored_names(keys: tuple[Any, ...], _types: tuple[type, ...]) -> tuple[str, ...]:
+_NAMES_CACHED = 1024
+_NAMES: dict[tuple[Any, ...], tuple[tuple[str, ...], tuple[type, ...] | None]] = {}
+
+
+def _stored_names(keys: tuple[Any, ...]) -> tuple[str, ...]:
     if len(keys) > MAX_COLUMNS:
         raise Undecodable(f"{len(keys)} columns; at most {MAX_COLUMNS} are decoded")
     names = [_name(k) for k in keys]
