@@ -4,14 +4,14 @@
 
 Logs 1M rows (`--quick`: 100k) x 25 features (15 float, 5 integer, 5 categorical columns), 10
 rows per request (`--rows-per-request 1|10|100`), half the requests `dataframe_split` and half
-`dataframe_records`, each with one prediction per row, through `LocalInferenceLog` as the router hands them over (the body's
-bytes and the parsed JSON). The log writes 1000 records a file and 100,000 feature rows a file
-(its defaults).
+`dataframe_records`, each with one prediction per row, through `LocalInferenceLog` as the
+router hands them over (the body's bytes and the parsed JSON). The log writes 1000 records a
+file and 100,000 feature rows a file (its defaults).
 
 Measured:
   decode_rows_per_s   `feature_table`, what the writer's thread runs on each batch, alone
-  write_rows_per_s    the writer end to end (records and features), from the first append
-                      until every record is written; records_only_rows_per_s: the same with
+  write_rows_per_s    the writer end to end, from the first append until every record and
+                      feature row is written; records_only_rows_per_s: the same with
                       `features=False`, the log before the feature rows
   read_s              `read_features(root, model=...)`: the whole window into one Arrow table
                       (best of 3)

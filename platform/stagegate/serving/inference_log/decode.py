@@ -248,8 +248,8 @@ def canonical(values: Any) -> Any:
     """An Arrow array of one of the feature types: null, bool, int64, float64 or string.
 
     Any integer becomes int64 (a uint64 too large for it: float64), any float or decimal
-    float64, dictionaries their values, anything else text: nested values as JSON, others by
-    Arrow's cast (dates and times in ISO format)."""
+    float64, dictionaries their values, anything else text: nested values as JSON, others as
+    Arrow casts them (a date: `2026-03-01`)."""
     if pa.types.is_dictionary(values.type):
         values = values.cast(values.type.value_type)
     target = _canonical_type(values.type)
@@ -301,16 +301,20 @@ def _prediction_dict(output: dict[Any, Any], rows: int) -> Columns | None:
 
 
 def _prediction_list(output: list[Any]) -> Columns:
+    """Columns of an object or a list per row; one `prediction` column otherwise, and also
+    when that would be over MAX_COLUMNS columns (each row's value then JSON text)."""
     kinds = set(map(type, output))
     if kinds == {dict}:
         keys = dict.fromkeys(k for p in output for k in p)
-        return {f"{PREDICTION}.{_name(k)}": [p.get(k) for p in output] for k in keys}
-    if kinds == {list}:
+        if len(keys) <= MAX_COLUMNS:
+            return {f"{PREDICTION}.{_name(k)}": [p.get(k) for p in output] for k in keys}
+    elif kinds == {list}:
         width = max(map(len, output))
-        return {
-            f"{PREDICTION}.{i}": [p[i] if i < len(p) else None for p in output]
-            for i in range(width)
-        }
+        if width <= MAX_COLUMNS:
+            return {
+                f"{PREDICTION}.{i}": [p[i] if i < len(p) else None for p in output]
+                for i in range(width)
+            }
     return {PREDICTION: output}
 
 

@@ -85,7 +85,7 @@ class LocalInferenceLog:
         max_buffer_rows: int = 100_000,
         features: bool = True,
         features_flush_rows: int = 100_000,
-        features_flush_interval_s: float = 60.0,
+        features_flush_interval_s: float = 300.0,
     ) -> None:
         if flush_rows < 1 or flush_interval_s <= 0 or max_buffer_rows < 1:
             raise ValueError("need flush_rows >= 1, flush_interval_s > 0, max_buffer_rows >= 1")
