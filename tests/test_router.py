@@ -60,8 +60,15 @@ class MemoryLog:
         if self.closed:
             return
         self.closed = True
-        lines = [orjson.dumps(dataclasses.asdict(r)) for r in self.records]
+        # The raw body (bytes) goes out as text: orjson writes no bytes.
+        lines = [orjson.dumps(dataclasses.asdict(r), default=_text) for r in self.records]
         self.dump.write_bytes(b"\n".join(lines) + b"\n" if lines else b"")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(type(value).__name__)
 
 
 def router_main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -130,15 +131,28 @@ def records_from_table(table: Any) -> list[InferenceRecord]:
     ]
 
 
-def write_parquet(fs: FileSystem, directory: str, table: Any) -> str:
-    """Write one whole file that readers either see complete or not at all (locally)."""
-    name = f"part-{uuid.uuid4().hex}.parquet"
+def write_parquet(
+    fs: FileSystem,
+    directory: str,
+    table: Any,
+    *,
+    ordered: bool = False,
+    dictionary: bool | list[str] = True,
+) -> str:
+    """Write one whole file that readers either see complete or not at all (locally).
+
+    `ordered` puts the write time (ns) in the name, so the files of a folder list in the order
+    they were written (`part-<time>-<uuid>.parquet`). `dictionary`: the columns to dictionary-
+    encode (True: all)."""
+    options = {"compression": "zstd", "use_dictionary": dictionary}
+    stamp = f"{time.time_ns():020d}-" if ordered else ""
+    name = f"part-{stamp}{uuid.uuid4().hex}.parquet"
     if not is_local(fs):
         # Object stores publish an object only when its upload completes; other remote
         # filesystems may show a partial file while it is being written.
         fs.makedirs(directory, exist_ok=True)
         with fs.open(f"{directory}/{name}", "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, **options)
         return f"{directory}/{name}"
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, name)
@@ -147,7 +161,7 @@ def write_parquet(fs: FileSystem, directory: str, table: Any) -> str:
     temp = os.path.join(directory, f".{name}.tmp")
     try:
         with open(temp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, **options)
             f.flush()
             os.fsync(f.fileno())  # never rename an empty file into place after a power loss
         os.replace(temp, final)

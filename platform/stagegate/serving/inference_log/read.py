@@ -26,7 +26,8 @@ from stagegate.serving.inference_log.format import (
 )
 
 
-def _aware(at: datetime, name: str) -> datetime:
+def aware(at: datetime, name: str) -> datetime:
+    """`at` in UTC; InvalidInput (a 4xx) when it is naive."""
     if at.tzinfo is None:
         raise InvalidInput(f"{name} must be timezone-aware")
     return utc(at)
@@ -54,13 +55,13 @@ def read_records(
     )
     conditions = []
     if since is not None:  # the date conditions prune whole folders, the `at` ones rows
-        start = _aware(since, "since")
+        start = aware(since, "since")
         conditions += [
             ds.field("date") >= start.date(),
             ds.field("at") >= pa.scalar(start, TIMESTAMP),
         ]
     if until is not None:
-        end = _aware(until, "until")
+        end = aware(until, "until")
         conditions += [ds.field("date") <= end.date(), ds.field("at") < pa.scalar(end, TIMESTAMP)]
     where = None
     for condition in conditions:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -20,11 +20,16 @@ class InferenceRecord:
     version: int
     role: Role
     key_hash: str | None  # sha256 hex of the assignment key, never the key itself
-    inputs: Any  # the request body's inputs, as received (JSON-compatible)
+    inputs: Any  # the request body's inputs, as received (JSON-compatible); None if not JSON
     output: Any  # the predictions (JSON-compatible); None when the arm failed
     status: int  # HTTP status the arm answered (or 599 for a transport error/timeout)
     latency_ms: float
     at: datetime  # aware UTC
+    # The raw request body and its Content-Type header, for the writer to decode into feature
+    # rows (`features.py`) off the request path. Not stored in the record itself, and not
+    # compared: a record read back has neither.
+    body: bytes | None = field(default=None, repr=False, compare=False)
+    content_type: str | None = field(default=None, compare=False)
 
 
 class InferenceLogWriter(Protocol):

@@ -11,7 +11,16 @@ order, so what survives in a partition is a gap-free prefix of what was appended
 write failed and is being retried). Files are fsynced before they are renamed into place,
 but their folders are not: a power loss may lose the last files, never leave a torn one.
 
-Readers: `read_records`, `query`/`connect` (DuckDB) and the labels functions, re-exported here.
+Features. Once a batch's records are written, the same thread decodes their request bodies
+into typed feature rows (`features.py`): that work never touches the request path, and a body
+it cannot decode costs only its feature rows (its record is written all the same; `features`
+counts it). The rows are written under `_features/` in bigger files than the records, which
+readers need: per partition, once it holds `features_flush_rows` rows or its oldest are
+`features_flush_interval_s` old, and at close. A crash loses the rows still waiting, and a
+failed feature write is logged and counted, not retried: the records hold the JSON inputs.
+
+Readers: `read_records`, `read_features`, `query`/`connect` (DuckDB) and the labels functions,
+re-exported here.
 """
 
 from __future__ import annotations
@@ -20,8 +29,14 @@ import atexit
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import replace
 from datetime import date
 
+from stagegate.serving.inference_log.features import (
+    FeatureCounts,
+    FeatureFiles,
+    read_features,
+)
 from stagegate.serving.inference_log.format import (
     open_root,
     partition_dir,
@@ -40,11 +55,13 @@ from stagegate.serving.inference_log.read import connect, query, read_records
 from stagegate.serving.inference_log.records import InferenceRecord
 
 __all__ = [
+    "FeatureCounts",
     "LabelRecord",
     "LocalInferenceLog",
     "attach_labels",
     "connect",
     "query",
+    "read_features",
     "read_labeled",
     "read_labels",
     "read_records",
@@ -52,6 +69,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_Part = tuple[str, date, list[InferenceRecord]]  # one partition's records: model, date, records
 
 
 class LocalInferenceLog:
@@ -64,9 +83,14 @@ class LocalInferenceLog:
         flush_rows: int = 1000,
         flush_interval_s: float = 1.0,
         max_buffer_rows: int = 100_000,
+        features: bool = True,
+        features_flush_rows: int = 100_000,
+        features_flush_interval_s: float = 300.0,
     ) -> None:
         if flush_rows < 1 or flush_interval_s <= 0 or max_buffer_rows < 1:
             raise ValueError("need flush_rows >= 1, flush_interval_s > 0, max_buffer_rows >= 1")
+        if features_flush_rows < 1 or features_flush_interval_s <= 0:
+            raise ValueError("need features_flush_rows >= 1 and features_flush_interval_s > 0")
         self._fs, self._root = open_root(root_url)
         self._flush_rows = flush_rows
         self._interval = flush_interval_s
@@ -76,6 +100,17 @@ class LocalInferenceLog:
         self._closed = False
         self._dropped = 0
         self._flushed = 0
+        self._features = FeatureCounts()
+        self._feature_files = (  # None: records only, no `_features/` files
+            FeatureFiles(
+                self._fs,
+                self._root,
+                flush_rows=features_flush_rows,
+                flush_interval_s=features_flush_interval_s,
+            )
+            if features
+            else None
+        )
         # A daemon, because the interpreter joins other threads before it runs atexit hooks,
         # and close() (an atexit hook) is what stops this one.
         self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
@@ -93,6 +128,12 @@ class LocalInferenceLog:
         """Records written so far."""
         with self._wake:
             return self._flushed
+
+    @property
+    def features(self) -> FeatureCounts:
+        """What decoding the records into feature rows made of them so far (a copy)."""
+        with self._wake:
+            return replace(self._features)
 
     def append(self, record: InferenceRecord) -> None:
         with self._wake:
@@ -128,7 +169,7 @@ class LocalInferenceLog:
                     self._wake.wait_for(self._due, self._interval)
                 batch, self._buffer = self._buffer, []
                 closing = self._closed
-            unwritten = self._write(batch)
+            unwritten, written = self._write(batch)
             with self._wake:
                 self._flushed += len(batch) - len(unwritten)
                 if closing:
@@ -138,6 +179,8 @@ class LocalInferenceLog:
                     self._dropped += len(unwritten) + len(self._buffer) - len(kept)
                     self._buffer = kept
                 dropped = self._dropped
+            if self._feature_files is not None:  # after the records are counted written
+                self._features_of(written, everything=closing)
             if dropped > reported:  # logged here, not in append(), which must not do I/O
                 log.warning("inference log dropped %d records so far", dropped)
                 reported = dropped
@@ -145,12 +188,14 @@ class LocalInferenceLog:
                 return
             failing = bool(unwritten)
 
-    def _write(self, batch: list[InferenceRecord]) -> list[InferenceRecord]:
-        """Write one file per partition; return the records of the partitions that failed."""
+    def _write(self, batch: list[InferenceRecord]) -> tuple[list[InferenceRecord], list[_Part]]:
+        """Write one file per partition; return the records of the partitions that failed,
+        and (model, date, records) of those written."""
         partitions: dict[tuple[str, date], list[InferenceRecord]] = defaultdict(list)
         for record in batch:
             partitions[record.model, utc(record.at).date()].append(record)
         unwritten: list[InferenceRecord] = []
+        written: list[_Part] = []
         for (model, day), records in partitions.items():
             directory = partition_dir(self._root, model=model, date=day.isoformat())
             try:
@@ -158,4 +203,15 @@ class LocalInferenceLog:
             except Exception:
                 log.exception("inference log: writing %d records failed", len(records))
                 unwritten += records
-        return unwritten
+                continue
+            written.append((model, day, records))
+        return unwritten, written
+
+    def _features_of(self, written: list[_Part], *, everything: bool) -> None:
+        assert self._feature_files is not None
+        counts = FeatureCounts()
+        for model, day, records in written:
+            counts.add(self._feature_files.add(model, day, records))
+        counts.add(self._feature_files.flush(everything=everything))
+        with self._wake:
+            self._features.add(counts)

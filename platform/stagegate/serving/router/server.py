@@ -241,7 +241,7 @@ class Router:
         if self._writer is not None:
             inputs = _loads(body) if parsed is _UNPARSED else parsed
             for attempt in attempts:
-                self._log(model, request_id, key, inputs, attempt, arrived)
+                self._log(model, request_id, key, inputs, attempt, arrived, body, content_type)
 
     async def _attempts(
         self, route: Route, role: Role, body: bytes, headers: bytes
@@ -308,7 +308,9 @@ class Router:
         self.metrics.upstream_latency.labels(model, version, Role.shadow).observe(latency_ms / 1000)
         self.metrics.shadow.labels(model, "failed" if attempt.failed else "mirrored").inc()
         if self._writer is not None:
-            self._log(model, job.request_id, job.key, _loads(job.body), attempt, time.time())
+            inputs, content_type = _loads(job.body), _content_type_of(job.headers)
+            at = time.time()
+            self._log(model, job.request_id, job.key, inputs, attempt, at, job.body, content_type)
 
     def _shadow_dropped(self, job: MirrorJob) -> None:
         self.metrics.shadow.labels(job.route.policy.model, "dropped").inc()
@@ -321,6 +323,8 @@ class Router:
         inputs: Any,
         attempt: _Attempt,
         at: float,
+        body: bytes,
+        content_type: bytes,
     ) -> None:
         assert self._writer is not None
         response = attempt.response
@@ -339,6 +343,8 @@ class Router:
             status=attempt.status,
             latency_ms=attempt.latency_ms,
             at=datetime.fromtimestamp(at, UTC),
+            body=body,  # decoded into feature rows by the writer's thread, not here
+            content_type=content_type.decode("latin-1"),
         )
         try:
             self._writer.append(record)
@@ -386,6 +392,11 @@ async def _answer(send: Send, final: _Attempt, rid: bytes) -> None:
     else:
         detail = {"detail": "the model is unreachable", "code": "upstream_unavailable"}
         await _json(send, 502, detail, meta)
+
+
+def _content_type_of(headers: bytes) -> bytes:
+    """The Content-Type of a mirror job: the first of the headers `_invoke` forwards."""
+    return headers[len(b"Content-Type: ") : headers.index(b"\r\n")]
 
 
 def _loads(raw: bytes) -> Any:
