@@ -127,6 +127,13 @@ def router(
         int, typer.Option(help="Mirrors waiting per shadow; more are dropped.")
     ] = 1000,
     shadow_workers: Annotated[int, typer.Option(help="Mirrors in flight per shadow.")] = 8,
+    features_flush_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Decoded feature rows wait at most this long for a bigger file "
+            "(default: STAGEGATE_SERVING__LOG_FEATURES_FLUSH_INTERVAL_S)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Route model traffic by policy: champion/challenger, shadow mirrors, fallback.
@@ -141,7 +148,11 @@ def router(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     app_ = router_mod.Router(
         policy_source(policy),
-        router_mod.writer_for(log_dir),
+        router_mod.writer_for(
+            log_dir,
+            features_flush_interval_s=features_flush_s
+            or get_settings().serving.log_features_flush_interval_s,
+        ),
         shadow_queue_size=shadow_queue,
         shadow_workers=shadow_workers,
     )
@@ -315,6 +326,9 @@ def demo(
     from stagegate.demo import Demo, DemoFailed
 
     settings = get_settings()
+    # Demo-sized traffic: feature rows reach the drift monitor within seconds, not minutes.
+    fast = settings.serving.model_copy(update={"log_features_flush_interval_s": 1.0})
+    settings = settings.model_copy(update={"serving": fast})
     ok = False
     try:
         console.rule("starting the embedded stack")

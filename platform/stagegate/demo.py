@@ -406,6 +406,14 @@ class Demo:
             f"(mirrored {waited:.1f} s after the stage change)"
         )
 
+    def logged_features(self, version: int, since: datetime) -> int:
+        from stagegate.serving.inference_log.writer import read_features
+
+        rows = read_features(
+            self.settings.inference_log_url, model=self.model, version=version, since=since
+        )
+        return int(rows.num_rows)
+
     def drift_story(self, step: int, champion: int, previous: int) -> bool:
         """Traffic drifts; the monitor fires; an alert arrives; a rollback waits for its
         approval, is approved, and the previous champion serves again."""
@@ -427,7 +435,13 @@ class Demo:
             f"[bold]{step}.[/] ops set the drift policy: f0-f3 and channel, drift when 2 of 5 "
             "drift; on drift: alert the on-call receiver, open a rollback"
         )
+        drifted_at = datetime.now(UTC)
         self.traffic("drifting: f0 +3, channel 'partner'", drifted=True)
+        self.wait_for(
+            "the router to write the drifted requests' feature rows "
+            f"(every {self.settings.serving.log_features_flush_interval_s:g} s)",
+            lambda: self.logged_features(champion, drifted_at) >= 400,
+        )
 
         # The scheduled drift-check flow runs every 10 minutes; the demo runs the same step
         # now, as `stagegate drift check` does. Its alerts may go to this one local receiver.

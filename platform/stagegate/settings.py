@@ -95,6 +95,13 @@ class ServingSettings(BaseModel):
         gt=0,
         description="...or this often; a crash loses at most the smaller of the two.",
     )
+    log_features_flush_interval_s: float = Field(
+        default=300,
+        gt=0,
+        le=3600,
+        description="Decoded feature rows (what the drift monitor reads) wait at most this "
+        "long for a file of 100,000 rows; the drift check sees traffic only once written.",
+    )
     router_port: int = Field(default=8770, description="Port of the embedded traffic router.")
     device: str = Field(
         default="auto", description="Device for model servers: auto, cpu or cuda[:N]."

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import orjson
 
-from stagegate import outbound
+from stagegate.outbound import check_url
 from stagegate.errors import InvalidInput
 from stagegate.settings import AlertSettings
 
@@ -82,7 +82,7 @@ def send_alert(
     delay = settings.backoff_s
     for number in range(1, settings.attempts + 1):
         try:
-            outbound.check_url(
+            check_url(
                 url,
                 allow_private=settings.allow_private_hosts,
                 allowed_hosts=frozenset(settings.allowed_hosts),

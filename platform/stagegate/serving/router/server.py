@@ -514,8 +514,11 @@ def serve(router: Router, **kwargs: Any) -> None:
     uvloop.run(run(router, **kwargs))
 
 
-def writer_for(log_dir: str | None) -> InferenceLogWriter | None:
-    """The inference log under `log_dir` when the log module is installed, else None."""
+def writer_for(
+    log_dir: str | None, *, features_flush_interval_s: float | None = None
+) -> InferenceLogWriter | None:
+    """The inference log under `log_dir` when the log module is installed, else None.
+    `features_flush_interval_s`: how long decoded feature rows may wait for a bigger file."""
     if log_dir is None:
         return None
     import importlib
@@ -527,5 +530,10 @@ def writer_for(log_dir: str | None) -> InferenceLogWriter | None:
             "stagegate.serving.inference_log.writer is not available: not logging inferences"
         )
         return None
-    writer: InferenceLogWriter = module.LocalInferenceLog(log_dir)
+    options = (
+        {}
+        if features_flush_interval_s is None
+        else {"features_flush_interval_s": features_flush_interval_s}
+    )
+    writer: InferenceLogWriter = module.LocalInferenceLog(log_dir, **options)
     return writer
