@@ -47,7 +47,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         mlflow=MlflowSettings(port=mlflow_port, tracking_uri=f"http://127.0.0.1:{mlflow_port}"),
         prefect=PrefectSettings(port=prefect_port, api_url=f"http://127.0.0.1:{prefect_port}/api"),
         api=ApiSettings(port=api_port),
-        serving=ServingSettings(router_port=free_port(), device="cpu"),
+        serving=ServingSettings(
+            router_port=free_port(), device="cpu", log_features_flush_interval_s=1.0
+        ),
     )
     try:
         embedded.start(settings)
@@ -84,7 +86,7 @@ def test_drifting_traffic_opens_a_rollback_through_the_scheduled_flow(live: Sett
     import numpy as np
     from sklearn.datasets import make_classification
 
-    from stagegate.serving.inference_log.writer import read_records
+    from stagegate.serving.inference_log.writer import read_features
 
     who = people(live)
     api = httpx.Client(base_url=live.api.url, timeout=15, trust_env=False)
@@ -115,8 +117,8 @@ def test_drifting_traffic_opens_a_rollback_through_the_scheduled_flow(live: Sett
             answer = router.post(url, json={"dataframe_split": {"columns": columns, "data": [row]}})
             assert answer.status_code == 200, answer.text
     wait_for(
-        "the inference log to hold the drifted rows",
-        lambda: read_records(live.inference_log_url, model=MODEL).num_rows >= 200,
+        "the router to write the drifted rows' features",
+        lambda: read_features(live.inference_log_url, model=MODEL, version=version).num_rows >= 200,
         timeout_s=30,
     )
     time.sleep(1.5)  # the scheduled window ends on a whole second before now
