@@ -231,3 +231,78 @@ def test_audit_keygen_and_usage_errors(cli: Callable[..., Result], tmp_path: Pat
     assert exposed.exit_code == 1
     assert "chmod 600" in exposed.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_drift_check_runs_the_flows_step_now_and_says_what_drifted(
+    cli: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stagegate drift check` in process: the real database and inference log of the home,
+    the registry faked at its protocol (the reference it returns is the training frame)."""
+    import orjson
+
+    from stagegate import runtime
+    from stagegate.db import transaction, utcnow
+    from stagegate.governance.policies import get_policy, set_policy
+    from stagegate.lifecycle.stages import Stage
+    from stagegate.migrate import upgrade
+    from stagegate.serving.inference_log.records import InferenceRecord
+    from stagegate.serving.inference_log.writer import LocalInferenceLog
+    from tests.factories import Factory
+    from tests.fakes import FakeRegistry
+    from tests.test_drift_step import frame
+
+    settings = Settings(home=tmp_path / "home")
+    settings.home.mkdir(parents=True)
+    upgrade(settings.database_url)
+    engine = _home_engine(tmp_path)
+    factory = Factory(engine)
+    factory.version("fraud", 2)
+    factory.place("fraud", 2, Stage.production)
+    with transaction(engine) as s:
+        policy = get_policy(s, "fraud")
+        drift = policy.drift.model_copy(update={"min_rows": 100, "html_report": False})
+        drift = drift.model_copy(
+            update={"actions": drift.actions.model_copy(update={"emit_event": False})}
+        )
+        set_policy(s, "fraud", policy.model_copy(update={"drift": drift}), actor="test")
+    engine.dispose()
+    registry = FakeRegistry()
+    registry.add("fraud", 2)
+    registry.references[("fraud", 2)] = frame(1)
+    monkeypatch.setattr(runtime.Runtime, "registry", property(lambda _self: registry))
+    runtime.current.cache_clear()
+
+    log = LocalInferenceLog(settings.inference_log_url)
+    drifted = frame(2, shift=30, new_category=True).to_pylist()
+    for i, row in enumerate(drifted):
+        body = {"dataframe_records": [row]}
+        log.append(
+            InferenceRecord(
+                f"r{i}",
+                "fraud",
+                2,
+                "champion",
+                None,
+                body,
+                [0],
+                200,
+                1.0,
+                utcnow() - timedelta(seconds=30),
+                orjson.dumps(body),
+                "application/json",
+            )
+        )
+    log.close()
+    try:
+        result = cli("drift", "check", "fraud")
+        again = cli("drift", "check", "fraud", "--version", "2", "--json")
+    finally:
+        runtime.current.cache_clear()
+    assert result.exit_code == 3, result.output  # drift
+    assert "fraud v2: drift - drift in 2 of 3 columns (amount, channel)" in result.output
+    assert "drifted features: amount, channel" in result.output
+    assert "event: " not in result.output  # the policy said no event
+    [outcome] = json.loads(again.output)
+    assert outcome["verdict"] == "drift"
+    assert outcome["alarm_id"]
+    assert cli("drift", "check", "nobody").exit_code == 1

@@ -300,3 +300,53 @@ def test_intake_records_where_the_reference_comes_from(engine: Engine, sink: Mem
         second = versions.get_version(s, "fraud", 2).reference_source
     assert first == reg.describe_reference("fraud", 1)  # its dataset's source, or None
     assert second == "runs:/run2/stagegate/reference"
+
+
+def test_the_logged_window_is_typed_and_carries_each_requests_latest_label(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What the flow checks: the version's decoded rows in [start, end), joined by request id
+    with the latest feedback label, so performance is measured on real logged traffic."""
+    import orjson
+
+    from stagegate.serving.inference_log.records import InferenceRecord
+    from stagegate.serving.inference_log.writer import LabelRecord, LocalInferenceLog, attach_labels
+    from stagegate.steps.drift import read_logged
+
+    root = str(tmp_path / "log")
+    t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    log = LocalInferenceLog(root)
+    for i in range(4):
+        body = {"dataframe_split": {"columns": ["amount", "channel"], "data": [[10.0 * i, "web"]]}}
+        log.append(
+            InferenceRecord(
+                request_id=f"r{i}",
+                model="fraud",
+                version=2 if i < 3 else 1,  # r3 was answered by another version
+                role="champion",
+                key_hash=None,
+                inputs=body,
+                output=[i % 2],  # as the router logs it: the predictions
+                status=200,
+                latency_ms=1.0,
+                at=t0 + timedelta(minutes=i),
+                body=orjson.dumps(body),
+                content_type="application/json",
+            )
+        )
+    log.close()
+    attach_labels(
+        root,
+        [
+            LabelRecord("r0", "fraud", 0, t0 + timedelta(hours=1)),
+            LabelRecord("r1", "fraud", 0, t0 + timedelta(hours=1)),
+            LabelRecord("r1", "fraud", 1, t0 + timedelta(hours=2)),  # supersedes the first
+        ],
+    )
+    c = DriftCriteria(label_column="label", prediction_column="prediction")
+    window = read_logged(root, "fraud", 2, t0, t0 + timedelta(minutes=2), c)
+    assert window.column("request_id").to_pylist() == ["r0", "r1"]  # r2 is past the end
+    assert window.column("amount").to_pylist() == [0.0, 10.0]
+    assert window.column("channel").to_pylist() == ["web", "web"]
+    assert window.column("prediction").to_pylist() == [0, 1]
+    assert window.column("label").to_pylist() == [0, 1]
+    unlabeled = read_logged(root, "fraud", 2, t0, t0 + timedelta(hours=1), c)
+    assert unlabeled.column("label").to_pylist() == [0, 1, None]
