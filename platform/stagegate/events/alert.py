@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import orjson
 
-from stagegate.outbound import check_url
 from stagegate.errors import InvalidInput
+from stagegate.outbound import check_url
 from stagegate.settings import AlertSettings
 
 SIGNATURE_HEADER = "X-Stagegate-Signature"
