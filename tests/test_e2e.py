@@ -83,13 +83,22 @@ def test_registered_version_reaches_production(live: Settings) -> None:
 def test_drifting_traffic_opens_a_rollback_through_the_scheduled_flow(live: Settings) -> None:
     """Drifted rows through the real router; the worker runs the drift-check deployment; the
     check reads the logged features and the reference from MLflow, and opens a rollback."""
+    who = people(live)
+    with (
+        httpx.Client(base_url=live.api.url, timeout=15, trust_env=False) as api,
+        httpx.Client(base_url=live.prefect.api_url, timeout=15, trust_env=False) as prefect,
+    ):
+        drift_opens_a_rollback(live, api, prefect, who)
+
+
+def drift_opens_a_rollback(
+    live: Settings, api: httpx.Client, prefect: httpx.Client, who: dict[str, dict[str, str]]
+) -> None:
     import numpy as np
     from sklearn.datasets import make_classification
 
     from stagegate.serving.inference_log.writer import read_features
 
-    who = people(live)
-    api = httpx.Client(base_url=live.api.url, timeout=15, trust_env=False)
     version = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()["version"]
     if version is None:  # run alone: walk a version to production first
         walk_to_production(live, api, who)
@@ -123,7 +132,6 @@ def test_drifting_traffic_opens_a_rollback_through_the_scheduled_flow(live: Sett
     )
     time.sleep(1.5)  # the scheduled window ends on a whole second before now
 
-    prefect = httpx.Client(base_url=live.prefect.api_url, timeout=15, trust_env=False)
     deployment = prefect.get("/deployments/name/drift-check/drift-check").json()
     run = prefect.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
 
