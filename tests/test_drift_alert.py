@@ -91,6 +91,7 @@ def test_an_alert_is_signed_retried_recorded_and_sent_once_per_alarm(
         "another secret", headers["X-Stagegate-Timestamp"], body, headers["X-Stagegate-Signature"]
     )
     assert headers["X-Stagegate-Delivery"] == outcome.alarm_id
+    assert headers["Host"] == receiver.url.split("/")[2]  # sent to the checked address
     assert b'"drifted_features":["amount","channel"]' in body
     assert _actions(world) == [
         "drift.alert_attempt",

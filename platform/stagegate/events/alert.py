@@ -18,7 +18,7 @@ import httpx
 import orjson
 
 from stagegate.errors import InvalidInput
-from stagegate.outbound import check_url
+from stagegate.outbound import resolve_url
 from stagegate.settings import AlertSettings
 
 SIGNATURE_HEADER = "X-Stagegate-Signature"
@@ -73,8 +73,10 @@ def send_alert(
     """POST `payload` to `url` until a 2xx or the attempts run out.
 
     The URL is checked against the outbound allow-list before every attempt (a host's
-    addresses can change between attempts), and redirects are not followed: a redirect
-    could lead anywhere the check refuses."""
+    addresses can change between attempts), and the request goes to the address that was
+    checked, not to a second lookup of the name (DNS rebinding): the name travels in `Host`
+    and, for https, as the TLS server name the certificate is verified against. Redirects are
+    not followed: a redirect could lead anywhere the check refuses."""
     if not settings.secret:
         return AlertResult("refused", "no alert secret is configured (STAGEGATE_ALERTS__SECRET)")
     body = orjson.dumps(payload)
@@ -82,7 +84,7 @@ def send_alert(
     delay = settings.backoff_s
     for number in range(1, settings.attempts + 1):
         try:
-            check_url(
+            target = resolve_url(
                 url,
                 allow_private=settings.allow_private_hosts,
                 allowed_hosts=frozenset(settings.allowed_hosts),
@@ -91,6 +93,7 @@ def send_alert(
             return AlertResult("refused", f"alert URL refused: {exc.detail}", tuple(attempts))
         timestamp = int(time.time())
         headers = {
+            "Host": target.host_header,
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(settings.secret, timestamp, body),
             TIMESTAMP_HEADER: str(timestamp),
