@@ -569,6 +569,7 @@ def _post(url: str, body: bytes, content_type: str) -> tuple[str, list[Any]]:
         return resp.headers["x-request-id"], json.loads(resp.read())["predictions"]
 
 
+@pytest.mark.slow
 def test_csv_parquet_and_json_requests_through_the_real_router(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -68,8 +68,9 @@ def root(tmp_path: Path) -> Iterator[Path]:
 
 
 def restarted(root: Path, name: str, old_pid: int | None) -> supervise.ServiceStatus | None:
-    now = supervise.status(root)[name]
-    return now if now.healthy and now.pid not in (None, old_pid) else None
+    # A restart replaces the service's record, so a read may briefly not find it.
+    now = supervise.status(root).get(name)
+    return now if now and now.healthy and now.pid not in (None, old_pid) else None
 
 
 def test_a_killed_service_is_restarted_with_the_default_policy(root: Path) -> None:
