@@ -274,7 +274,10 @@ def test_an_open_alarm_on_the_champion_blocks_other_promotions_until_acknowledge
         t = transitions.reevaluate(s, transition_id=tid, now=utcnow(), actor="test")
     passed = next(g for g in t.gate_results if g["gate"] == "drift_alarm")
     assert passed["passed"], passed["reason"]
-    # Drift seen after the acknowledgement opens a new alarm.
+    # The acknowledged window checked again sets off nothing; later drift opens a new alarm.
+    same = world.check()
+    assert same.alarm_id == outcome.alarm_id
+    assert same.actions == {}
     again = world.check(until=utcnow() + timedelta(minutes=1))
     assert again.alarm_id not in (None, outcome.alarm_id)
 

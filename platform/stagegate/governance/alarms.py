@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied
 from stagegate.governance import audit, versions
@@ -38,6 +38,16 @@ def raise_alarm(
     The version row is locked first, so two checks racing open one alarm, not two."""
     versions.get_version(session, evaluation.model_name, evaluation.version, lock=True)
     assert evaluation.id is not None
+    seen = session.exec(
+        select(DriftAlarm).where(
+            or_(
+                DriftAlarm.evaluation_id == evaluation.id,
+                DriftAlarm.last_evaluation_id == evaluation.id,
+            )
+        )
+    ).first()
+    if seen is not None:  # this window was acted on already, even if since acknowledged
+        return seen, False
     alarm = open_alarm(session, evaluation.model_name, evaluation.version)
     if alarm is not None:
         if alarm.last_evaluation_id != evaluation.id:

@@ -26,7 +26,7 @@ from stagegate.events.alert import Attempt, send_alert
 from stagegate.events.announce import announce_if_approved
 from stagegate.events.sink import EventSink, OutEvent, model_resource
 from stagegate.governance import alarms, evaluations, transitions, versions
-from stagegate.governance.models import DriftAlarm, Evaluation
+from stagegate.governance.models import AlarmStatus, DriftAlarm, Evaluation
 from stagegate.governance.policies import get_policy
 from stagegate.lifecycle.policy import DriftCriteria
 from stagegate.lifecycle.stages import LIVE, Stage
@@ -249,6 +249,8 @@ def act(monitor: Monitor, evaluation: Evaluation, outcome: DriftOutcome, c: Drif
             session, evaluation, outcome.drifted_features, actor=SERVICE.name
         )
     outcome.alarm_id = alarm.id
+    if alarm.status is not AlarmStatus.open:
+        return  # someone acknowledged this window's alarm: nothing more to set off
     if c.actions.rollback:
         outcome.actions["rollback"] = _rollback(monitor, alarm, outcome)
     if c.actions.alert_url:
