@@ -342,6 +342,7 @@ def test_the_logged_window_is_typed_and_carries_each_requests_latest_label(tmp_p
             LabelRecord("r0", "fraud", 0, t0 + timedelta(hours=1)),
             LabelRecord("r1", "fraud", 0, t0 + timedelta(hours=1)),
             LabelRecord("r1", "fraud", 1, t0 + timedelta(hours=2)),  # supersedes the first
+            LabelRecord("r2", "fraud", "yes", t0 + timedelta(hours=1)),  # another kind
         ],
     )
     c = DriftCriteria(label_column="label", prediction_column="prediction")
@@ -351,5 +352,5 @@ def test_the_logged_window_is_typed_and_carries_each_requests_latest_label(tmp_p
     assert window.column("channel").to_pylist() == ["web", "web"]
     assert window.column("prediction").to_pylist() == [0, 1]
     assert window.column("label").to_pylist() == [0, 1]
-    unlabeled = read_logged(root, "fraud", 2, t0, t0 + timedelta(hours=1), c)
-    assert unlabeled.column("label").to_pylist() == [0, 1, None]
+    mixed = read_logged(root, "fraud", 2, t0, t0 + timedelta(hours=1), c)
+    assert mixed.column("label").to_pylist() == ["0", "1", "yes"]  # compared as text

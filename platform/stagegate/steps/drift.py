@@ -32,6 +32,9 @@ from stagegate.lifecycle.policy import DriftCriteria
 from stagegate.lifecycle.stages import LIVE, Stage
 from stagegate.monitoring.check import check
 from stagegate.monitoring.results import DRIFT, INSUFFICIENT, OK, DriftReport
+from stagegate.serving.inference_log.features import read_features
+from stagegate.serving.inference_log.format import loads
+from stagegate.serving.inference_log.labels import read_labels
 from stagegate.settings import AlertSettings
 from stagegate.steps.common import SERVICE
 
@@ -101,21 +104,20 @@ def read_logged(
 ) -> pa.Table:
     """The version's logged rows in the window, typed, with the latest label of each request
     when the policy names a label column."""
-    from stagegate.serving.inference_log.features import read_features
-    from stagegate.serving.inference_log.writer import read_labels
-
     current = read_features(log_url, model=model, version=version, since=start, until=end)
     if c.label_column is None or current.num_rows == 0:
         return current
     latest: dict[str, Any] = {}
     for row in read_labels(log_url, model=model).to_pylist():  # ordered by `at`
         latest[row["request_id"]] = row["label"]
-    from stagegate.serving.inference_log.format import loads
-
     labels = [loads(latest.get(rid)) for rid in current.column("request_id").to_pylist()]
+    try:
+        column = pa.array(labels)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # labels of mixed kinds: compare as text
+        column = pa.array([None if v is None else str(v) for v in labels], pa.string())
     if c.label_column in current.column_names:
         current = current.drop_columns([c.label_column])
-    return current.append_column(c.label_column, pa.array(labels))
+    return current.append_column(c.label_column, column)
 
 
 def _reason(report: DriftReport) -> str:
