@@ -6,7 +6,7 @@ from sqlmodel import Session
 
 from stagegate.api import schemas
 from stagegate.governance import lineage, transitions, versions
-from stagegate.governance.models import Approval, Deployment, ModelVersion, Transition
+from stagegate.governance.models import Approval, Deployment, Evaluation, ModelVersion, Transition
 
 
 def approval(a: Approval) -> schemas.ApprovalPublic:
@@ -61,3 +61,8 @@ def version(session: Session, v: ModelVersion) -> schemas.VersionPublic:
 
 def deployment(d: Deployment) -> schemas.DeploymentPublic:
     return schemas.DeploymentPublic.model_validate(d, from_attributes=True)
+
+
+def report_url(e: Evaluation) -> str | None:
+    """Where the API serves the evaluation's stored HTML report, if it has one."""
+    return f"/api/v1/reports/{e.id}" if e.summary.get("report") else None

@@ -110,7 +110,7 @@ def get_lineage(
                 window_start=e.window_start,
                 window_end=e.window_end,
                 drifted_features=list(e.summary.get("drifted_features", [])),
-                report_url=f"/api/v1/reports/{e.id}" if e.summary.get("report") else None,
+                report_url=present.report_url(e),
             )
             for e in evaluations.list_for(session, name, version)
             if e.kind == "drift"

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, Field
 
 from stagegate import reports
+from stagegate.api import present
 from stagegate.api.deps import SessionDep, StateDep, Viewer, require
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT
@@ -107,7 +108,7 @@ def drift_check(e: Evaluation) -> DriftCheckPublic:
         drifted_features=list(s.get("drifted_features", [])),
         columns=[c for c in map(_score, s.get("columns", [])) if c is not None],
         prediction=_score(s.get("prediction")),
-        report_url=f"/api/v1/reports/{e.id}" if s.get("report") else None,
+        report_url=present.report_url(e),
         created_at=e.created_at,
     )
 
