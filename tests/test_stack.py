@@ -34,20 +34,10 @@ from stagegate.stack import (
 )
 from stagegate.stack.specs import venv_bin
 from stagegate.supervise.procfs import group_members, proc_stat, rss_bytes
-from tests.waits import wait_for
+from tests.fixtures.mlflow_server import free_port
+from tests.waits import gone, wait_for
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gone(pid: int) -> bool:
-    stat_ = proc_stat(pid)
-    return stat_ is None or stat_.zombie
 
 
 @pytest.fixture

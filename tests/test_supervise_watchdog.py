@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 import time
@@ -22,24 +21,13 @@ from stagegate.cli import app
 from stagegate.errors import InvalidInput
 from stagegate.settings import get_settings
 from stagegate.supervise import HealthCheck, ServiceSpec, WatchPolicy
-from stagegate.supervise.procfs import proc_stat
-from tests.waits import wait_for
+from tests.fixtures.mlflow_server import free_port
+from tests.waits import gone, wait_for
 
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
 FAST = WatchPolicy(poll_s=0.2, backoff_base_s=0.2, backoff_cap_s=1.0, max_restarts=3)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def gone(pid: int) -> bool:
-    stat_ = proc_stat(pid)
-    return stat_ is None or stat_.zombie
 
 
 def web_spec(name: str, port: int, depends_on: tuple[str, ...] = ()) -> ServiceSpec:
