@@ -7,6 +7,7 @@ Register with MLflow's client -> webhook -> Prefect event -> intake flow opens a
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,110 @@ def drift_opens_a_rollback(
     assert (rollback["to_stage"], rollback["status"]) == ("rolled_back", "pending")
     assert rollback["requested_by"] == "stagegate"
     assert alarm["event_emitted"]
+
+
+def test_a_labelled_canary_runs_to_a_decision_through_the_flow(live: Settings) -> None:
+    """v2 in canary against the champion through the real router; labels posted to the API;
+    the canary flow's sequential test decides, records it, and requests production."""
+    import numpy as np
+
+    who = people(live)
+    rng = np.random.default_rng(3)
+    with httpx.Client(base_url=live.api.url, timeout=15, trust_env=False) as api:
+        champion = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()
+        if champion["version"] is None:  # run alone: walk a version to production first
+            walk_to_production(live, api, who)
+            champion = api.get(f"/api/v1/models/{MODEL}/production", headers=who["vic"]).json()
+        policy = api.get(f"/api/v1/models/{MODEL}/policy", headers=who["vic"]).json()
+        policy["shadow"]["required"] = False
+        policy["traffic"]["challenger_weight"] = 0.5
+        policy["experiment"] = {
+            "metric": "converted",
+            "min_samples": 40,
+            "mde": 0.3,
+            "attribution_window_s": 60,
+            "max_latency_increase_ms": 1000,  # a loaded CI machine: this test is about labels
+        }
+        r = api.put(f"/api/v1/models/{MODEL}/policy", headers=who["ops"], json=policy)
+        assert r.status_code == 200, r.text
+        version, _ = register_sklearn_model(live.mlflow.tracking_uri, MODEL, seed=5)
+
+        def opened() -> dict[str, Any] | None:
+            page = api.get(
+                "/api/v1/transitions",
+                params={"model": MODEL, "status": "pending"},
+                headers=who["vic"],
+            )
+            return next((t for t in page.json()["data"] if t["version"] == version), None)
+
+        def stage() -> str:
+            return str(
+                api.get(f"/api/v1/models/{MODEL}/versions/{version}", headers=who["vic"]).json()[
+                    "stage"
+                ]
+            )
+
+        t = wait_for("intake to open a transition", opened)
+        assert (
+            api.post(
+                f"/api/v1/transitions/{t['id']}/approvals",
+                headers=who["alice"],
+                json={"decision": "approve"},
+            ).json()["status"]
+            == "approved"
+        )
+        wait_for("shadow", lambda: stage() == "shadow")
+        r = api.post(
+            "/api/v1/transitions",
+            headers=who["dana"],
+            json={"model": MODEL, "version": version, "to_stage": "canary", "reason": "e2e"},
+        )
+        assert (
+            api.post(
+                f"/api/v1/transitions/{r.json()['id']}/approvals",
+                headers=who["bob"],
+                json={"decision": "approve"},
+            ).json()["status"]
+            == "approved"
+        )
+        wait_for("canary", lambda: stage() == "canary")
+
+        url = f"{live.serving.router_url}/models/{MODEL}/invocations"
+        body = {"dataframe_split": {"columns": [f"f{i}" for i in range(6)], "data": [[0.5] * 6]}}
+        path = f"/api/v1/models/{MODEL}/versions/{version}/experiment"
+        answered: dict[str, int] = {}
+        deadline = time.monotonic() + 240
+        with httpx.Client(timeout=10, trust_env=False) as router:
+            while (doc := api.get(path, headers=who["vic"]).json())["decision"] is None:
+                assert time.monotonic() < deadline, f"no decision: {doc['looks'][-1:]}"
+                labels = []
+                for _ in range(40):
+                    a = router.post(url, json=body, headers={"x-stagegate-key": uuid.uuid4().hex})
+                    assert a.status_code == 200, a.text
+                    served = a.headers["x-stagegate-version"]
+                    answered[served] = answered.get(served, 0) + 1
+                    # The world this test plays: the new version's users convert far more.
+                    p = 0.8 if served == str(version) else 0.2
+                    labels.append(
+                        {
+                            "request_id": a.headers["x-request-id"],
+                            "model": MODEL,
+                            "label": {"converted": int(rng.random() < p)},
+                        }
+                    )
+                posted = api.post("/api/v1/feedback", headers=who["dana"], json={"items": labels})
+                assert posted.status_code == 202, posted.text
+                time.sleep(1)
+        assert set(answered) == {str(version), str(champion["version"])}
+        decision = doc["decision"]
+        assert (decision["action"], decision["passed"]) == ("promote", True), decision
+        assert decision["champion_version"] == champion["version"]
+        assert doc["looks"], "the flow's looks are stored for the chart"
+        assert doc["looks"][-1]["lower"] > 0
+        requested = wait_for("the experiment to request production", opened)
+        assert (requested["to_stage"], requested["requested_by"]) == ("production", "stagegate")
+        gates = {g["gate"]: g for g in requested["gates"]}
+        assert gates["experiment"]["passed"], gates
 
 
 def walk_to_production(live: Settings, api: httpx.Client, who: dict[str, dict[str, str]]) -> None:

@@ -102,6 +102,7 @@ class Demo:
     timings: dict[str, float] = field(default_factory=dict)
     errors: int = 0  # client errors seen while sending traffic
     samples: Any = None  # held-out rows the traffic is drawn from
+    truth: Any = None  # their true classes: the downstream team's confirmed outcomes
     phases: int = 0  # traffic phases so far: each draws other rows
 
     def __post_init__(self) -> None:
@@ -175,11 +176,13 @@ class Demo:
         )
         return tuple(train_test_split(frame, y, test_size=0.3, random_state=7))
 
-    def register(self, c: float) -> tuple[int, float]:
+    def register(self, c: float, *, slow_ms: float = 0) -> tuple[int, float]:
         """Train a logistic regression (stronger with higher C) and register it, logging its
-        training frame (with the model's predictions) where the drift monitor reads it."""
+        training frame (with the model's predictions) where the drift monitor reads it.
+        `slow_ms`: a release that waits this long in every call (a pyfunc around the model)."""
         import mlflow
         import mlflow.data
+        import mlflow.pyfunc
         import mlflow.sklearn
         from sklearn.compose import ColumnTransformer
         from sklearn.linear_model import LogisticRegression
@@ -190,6 +193,7 @@ class Demo:
 
         x_tr, x_te, y_tr, y_te = self.data()
         self.samples = x_te
+        self.truth = dict(zip(x_te.index, y_te.tolist(), strict=True))
         encode = ColumnTransformer(
             [("channel", OneHotEncoder(handle_unknown="ignore"), ["channel"])],
             remainder="passthrough",
@@ -209,12 +213,20 @@ class Demo:
                 context="training",
             )
             log_reference(x_tr.assign(prediction=model.predict(x_tr)))
-            info: Any = mlflow.sklearn.log_model(
-                model,
-                name="model",
-                input_example=x_tr.head(2),
-                pip_requirements=["scikit-learn", "pandas"],
-            )
+            if slow_ms:
+                info: Any = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=_slow(model, slow_ms),
+                    input_example=x_tr.head(2),
+                    pip_requirements=["scikit-learn", "pandas"],
+                )
+            else:
+                info = mlflow.sklearn.log_model(
+                    model,
+                    name="model",
+                    input_example=x_tr.head(2),
+                    pip_requirements=["scikit-learn", "pandas"],
+                )
             registered: Any = mlflow.register_model(info.model_uri, self.model)
         return int(registered.version), accuracy
 
@@ -281,11 +293,21 @@ class Demo:
             ("canary", ("bob",)),
             ("production", ("alice", "bob")),
         ):
-            self.move(version, to, approvers, t if to == "shadow" else None)
-            if self.wait_routed(version, to):
+            if to == "production":
+                # The experiment's win opened canary->production itself; people approve it.
+                t, _ = self.wait_for(
+                    f"the experiment to request production for v{version}",
+                    lambda: self.open_transition(version),
+                )
+                self.say(f"   {t['requested_by']} requested canary->production: {t['reason']}")
+            self.move(version, to, approvers, t if to in ("shadow", "production") else None)
+            routed = self.wait_routed(version, to)
+            if routed and to == "canary":
+                self.experiment_traffic(version)
+            elif routed:
                 self.traffic(f"v{version} in {to}")
             if to != "production":
-                self.wait_report(version, to)
+                self.wait_report(version, "experiment" if to == "canary" else to)
         return version
 
     def wait_report(self, version: int, kind: str) -> None:
@@ -380,16 +402,83 @@ class Demo:
         )
         return answered
 
+    def labelled_batch(self, requests: int) -> list[dict[str, Any]]:
+        """Send held-out rows through the router, each with its own buyer key; return the
+        feedback for the answers: whether the decision was right, as the fraud team says."""
+        url = f"{self.settings.serving.router_url}/models/{self.model}/invocations"
+        self.phases += 1
+        rows = self.samples.sample(requests, replace=True, random_state=self.phases)
+        labels = []
+        for n, (index, row) in enumerate(
+            zip(rows.index, rows[COLUMNS].itertuples(index=False), strict=True)
+        ):
+            body = {"dataframe_split": {"columns": COLUMNS, "data": [list(row)]}}
+            r = self.api.post(
+                url, json=body, headers={"x-stagegate-key": f"buyer-{self.phases}-{n}"}
+            )
+            if r.status_code != 200:
+                self.errors += 1
+                continue
+            right = int(r.json()["predictions"][0] == self.truth[index])
+            labels.append(
+                {
+                    "request_id": r.headers["x-request-id"],
+                    "model": self.model,
+                    "label": {"correct": right},
+                }
+            )
+        self.call("dana", "POST", "/api/v1/feedback", json={"items": labels})
+        return labels
+
+    def experiment_traffic(self, version: int) -> dict[str, Any]:
+        """Labelled traffic until the canary flow's sequential test decides; show its looks."""
+        path = f"/api/v1/models/{self.model}/versions/{version}/experiment"
+        started, shown, deadline = time.monotonic(), 0, time.monotonic() + 4 * self.timeout_s
+        self.say("   experiment: labelled traffic; the canary flow looks every 5 s")
+        while time.monotonic() < deadline:
+            doc = self.call("vic", "GET", path)
+            for look in doc["looks"][shown:]:
+                self.say("      " + _look_line(look))
+            shown = len(doc["looks"])
+            if doc["decision"] is not None:
+                break
+            self.labelled_batch(100)
+        else:
+            raise DemoFailed(f"the experiment of v{version} did not decide in time")
+        decision = doc["decision"]
+        took = time.monotonic() - started
+        self.timings.setdefault("experiment_s", took)
+        colour = "green" if decision["passed"] else "red"
+        self.say(
+            f"   experiment decided [{colour}]{decision['action']}[/] after {took:.0f} s: "
+            f"{decision['reason']}"
+        )
+        return dict(decision)
+
     def set_policy(self) -> None:
         policy = self.call("vic", "GET", f"/api/v1/models/{self.model}/policy")
         policy["primary_metric"] = "accuracy"
         # Demo-sized traffic: 400 requests a phase, of which the canary answers about 10%.
         policy["shadow"]["min_comparisons"] = 200
-        policy["canary"]["min_requests"] = 30
+        policy["traffic"]["challenger_weight"] = 0.5
+        # The canary is an A/B test on the share of decisions the fraud team confirms as
+        # right, sequential so the flow may look every few seconds; demo-sized samples.
+        policy["experiment"] = {
+            "metric": "correct",
+            "kind": "bernoulli",
+            "attribution_window_s": 30,
+            "mde": 0.05,
+            "min_samples": 150,
+            "max_samples": 20_000,
+            "max_latency_increase_ms": 25,
+            "actions": {"rollback_applies_alone": True},
+        }
         self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
         self.say(
             "   ops set the model's policy: accuracy must match or beat the champion; "
-            "200 shadow comparisons; 30 canary requests"
+            "200 shadow comparisons; the canary gets half the keys and runs an A/B test on "
+            "confirmed decisions (sequential, alpha 5%), with guardrails on errors and "
+            "latency (+25 ms); a guardrail breach rolls back alone"
         )
 
     def check_registry(self, champion: int, retired: int) -> None:
@@ -416,6 +505,34 @@ class Demo:
             self.settings.inference_log_url, model=self.model, version=version, since=since
         )
         return int(rows.num_rows)
+
+    def guardrail_story(self, step: int, champion: int) -> bool:
+        """A release that adds latency: its shadow agrees, but the canary's latency guardrail
+        breaks, and the service rolls it back alone, as the policy allows."""
+        version, _ = self.register(1e-3, slow_ms=60)
+        self.say(
+            f"[bold]{step}.[/] dana registered {self.model} v{version}: the same model in a "
+            "release that spends 60 ms more on every call"
+        )
+        t, _ = self.wait_for(
+            f"intake to open a transition for v{version}", lambda: self.open_transition(version)
+        )
+        self.move(version, "shadow", ("alice",), t)
+        if self.wait_routed(version, "shadow"):
+            self.traffic(f"v{version} in shadow")
+        self.wait_report(version, "shadow")
+        self.move(version, "canary", ("bob",))
+        self.wait_routed(version, "canary")
+        decision = self.experiment_traffic(version)
+        _, waited = self.wait_for(
+            f"v{version} to be rolled back", lambda: self.stage_of(version) == "rolled_back"
+        )
+        self.say(
+            f"   guardrail breached ({', '.join(decision['breached']) or 'none'}): the service "
+            f"rolled v{version} back alone, {waited:.1f} s after the decision, with no approval "
+            f"(policy: rollback_applies_alone); v{champion} keeps production"
+        )
+        return bool(decision["action"] == "rollback" and "latency_ms" in decision["breached"])
 
     def drift_story(self, step: int, champion: int, previous: int) -> bool:
         """Traffic drifts; the monitor fires; an alert arrives; a rollback waits for its
@@ -500,7 +617,7 @@ class Demo:
     def run(self) -> bool:
         self.quiet_mlflow()
         self.issue_tokens()
-        v1 = self.version_story(2, c=1e-4)
+        v1 = self.version_story(2, c=3e-6)
         between = datetime.now(UTC)
         v2 = self.version_story(3, c=1e-3)
         self.say(f"[bold]4.[/] v{v2} is champion; v{v1} retired as part of the same transition")
@@ -516,10 +633,37 @@ class Demo:
             f"[bold]5.[/] production at {between:%H:%M:%S}: v{then['version']} "
             f"(approved by {approvers})"
         )
-        looped = self.drift_story(6, v2, v1)
+        guarded = self.guardrail_story(6, v2)
+        looped = self.drift_story(7, v2, v1)
         verdict = self.call("vic", "GET", "/api/v1/audit/verify")
         self.say(
-            f"[bold]7.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
+            f"[bold]8.[/] audit chain: {'ok' if verdict['ok'] else 'BROKEN'} "
             f"({verdict['rows']} rows)"
         )
-        return bool(then["version"] == v1 and looped and verdict["ok"] and self.errors == 0)
+        return bool(
+            then["version"] == v1 and guarded and looped and verdict["ok"] and self.errors == 0
+        )
+
+
+def _slow(model: Any, ms: float) -> Callable[[Any], Any]:
+    """The model behind a pyfunc that sleeps first: cloudpickle stores this closure whole."""
+
+    def predict(frame: Any) -> Any:
+        time.sleep(ms / 1000)
+        return model.predict(frame)
+
+    return predict
+
+
+def _bound(x: float | None) -> str:
+    return "..." if x is None else f"{x:+.3f}"
+
+
+def _look_line(look: dict[str, Any]) -> str:
+    """One look of the experiment: samples, effect, always-valid interval, what it decided."""
+    est = look["estimate"]
+    effect = "n/a" if est is None else f"{est:+.3f}"
+    return (
+        f"look: v-new {look['n_treatment']} / champion {look['n_control']} units; "
+        f"effect {effect} [{_bound(look['lower'])}, {_bound(look['upper'])}] -> {look['action']}"
+    )

@@ -14,6 +14,7 @@ from stagegate.api.limits import RequestLimits
 from stagegate.api.routers import (
     audit,
     events,
+    experiments,
     feedback,
     health,
     models,
@@ -35,6 +36,7 @@ ROUTERS = (
     feedback.router,
     traffic.router,
     monitoring.router,
+    experiments.router,
 )
 
 

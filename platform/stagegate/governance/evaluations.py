@@ -100,7 +100,14 @@ def latest(session: Session, model: str, version: int) -> dict[str, Evaluation]:
 
 def facts(session: Session, model: str, version: int) -> dict[str, ReportFacts]:
     return {
-        kind: ReportFacts(kind, row.passed, row.reason, row.digest, row.champion_version)
+        kind: ReportFacts(
+            kind,
+            row.passed,
+            row.reason,
+            row.digest,
+            row.champion_version,
+            breached=tuple(str(b) for b in row.summary.get("breached", ())),
+        )
         for kind, row in latest(session, model, version).items()
     }
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlalchemy import Enum as SAEnum
 from sqlmodel import Field, SQLModel
 
@@ -248,13 +248,36 @@ class Evaluation(SQLModel, table=True):
     window_end: datetime | None = _ts(nullable=True)
     model_name: str = Field(foreign_key="registered_model.name", index=True, max_length=128)
     version: int
-    kind: str = Field(max_length=20)  # shadow | canary | drift
+    kind: str = Field(max_length=20)  # shadow | canary | experiment | drift
     passed: bool
     reason: str = Field(max_length=2000)
     sample_size: int
     summary: dict[str, Any] = _json(dict)
     window_start: datetime = _ts()
     created_at: datetime = _ts()
+
+
+class ExperimentLook(SQLModel, table=True):
+    """One look of a canary's A/B experiment: its samples, effect and interval, and what it
+    decided. The series is the experiment's chart; the decision itself is an `Evaluation`."""
+
+    __tablename__ = "experiment_look"
+    __table_args__ = (Index("ix_experiment_look_version", "model_name", "version", "window_start"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model_name: str = Field(foreign_key="registered_model.name", max_length=128)
+    version: int
+    digest: str | None = Field(default=None, max_length=64)
+    champion_version: int | None = Field(default=None)
+    window_start: datetime = _ts()  # when the canary started: one experiment per start
+    at: datetime = _ts()
+    action: str = Field(max_length=20)  # continue | promote | rollback
+    n_treatment: int
+    n_control: int
+    estimate: float | None = None
+    lower: float | None = None  # None: the interval is still unbounded
+    upper: float | None = None
+    detail: dict[str, Any] = _json(dict)  # means, p-value, guardrails, labels pending
 
 
 class AlarmStatus(StrEnum):

@@ -41,13 +41,14 @@ class ApprovalFacts:
 
 @dataclass(frozen=True)
 class ReportFacts:
-    """The latest shadow or canary report of the version (see `evaluation.py`)."""
+    """The latest report of each kind for the version (see `governance/evaluations.py`)."""
 
-    kind: str  # shadow | canary
+    kind: str  # shadow | canary | experiment | drift
     passed: bool
     reason: str
     digest: str | None = None  # the artifact it judged
     champion_version: int | None = None  # the champion it was compared with
+    breached: tuple[str, ...] = ()  # experiment: the guardrails it found broken
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,24 @@ def drift_rollback_alone(ctx: GateContext) -> bool:
     )
 
 
+def experiment_rollback_alone(ctx: GateContext) -> bool:
+    """The policy lets the service roll back a canary whose experiment found a guardrail
+    broken, unapproved. As with drift, the evidence is a recorded report for this very
+    artifact, and only the service identity's own request qualifies."""
+    criteria = ctx.policy.experiment
+    report = ctx.reports.get("experiment")
+    return (
+        criteria is not None
+        and criteria.actions.rollback_applies_alone
+        and ctx.from_stage is Stage.canary
+        and ctx.to_stage is Stage.rolled_back
+        and ctx.requested_by == SERVICE_NAME
+        and report is not None
+        and bool(report.breached)
+        and report.digest == ctx.version.digest
+    )
+
+
 class ApprovalsGate(Gate):
     name = "approvals"
 
@@ -151,6 +170,9 @@ class ApprovalsGate(Gate):
             return self.ok(
                 f"drift rollback applies alone by policy (alarm {ctx.version_alarm.id[:12]})"
             )
+        if experiment_rollback_alone(ctx):
+            breached = ", ".join(ctx.reports["experiment"].breached)
+            return self.ok(f"guardrail rollback applies alone by policy ({breached} breached)")
         have = counting_approvers(ctx)
         roles = "/".join(sorted(rule.roles))
         if len(have) >= rule.required:
@@ -266,7 +288,21 @@ class CanaryReportGate(ShadowReportGate):
     kind = "canary"
 
     def required(self, ctx: GateContext) -> bool:
-        return ctx.policy.canary.required
+        # An experiment, where the policy runs one, takes the threshold report's place.
+        return ctx.policy.canary.required and ctx.policy.experiment is None
+
+
+class ExperimentGate(ShadowReportGate):
+    """canary->production: the A/B experiment decided the version wins (sequential test on
+    the business metric, guardrails held), against this artifact and this champion."""
+
+    FROM_STAGES = frozenset({Stage.canary})
+    TO_STAGES = frozenset({Stage.production})
+    name = "experiment"
+    kind = "experiment"
+
+    def required(self, ctx: GateContext) -> bool:
+        return ctx.policy.experiment is not None
 
 
 class DriftAlarmGate(Gate):
@@ -297,6 +333,7 @@ GATES: tuple[Gate, ...] = (
     StageFreeGate(),
     ShadowReportGate(),
     CanaryReportGate(),
+    ExperimentGate(),
     DriftAlarmGate(),
 )
 

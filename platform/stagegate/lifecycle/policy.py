@@ -246,6 +246,109 @@ class DriftCriteria(BaseModel):
         return self
 
 
+ExperimentMetricKind = Literal["bernoulli", "continuous"]
+
+
+class ExperimentActions(BaseModel):
+    """What an experiment's decision may do by itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_promotion: bool = Field(
+        default=True,
+        description="A win opens the canary->production transition, requested by the service "
+        "identity. It still waits for its approvers.",
+    )
+    rollback_on_breach: bool = Field(
+        default=True,
+        description="A guardrail breach opens a canary->rolled_back transition, requested by "
+        "the service identity.",
+    )
+    rollback_applies_alone: bool = Field(
+        default=False,
+        description="That rollback needs no approval: the breach on record is enough, and the "
+        "audit log records it as the service's action.",
+    )
+
+
+class ExperimentCriteria(BaseModel):
+    """The canary as an A/B experiment: a sequential test on a business metric from feedback
+    labels, with sequential guardrails on errors and latency (see docs/experiments.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = Field(
+        min_length=1,
+        max_length=200,
+        description="The metric: the label's field of this name when labels are JSON "
+        "objects; a plain number (or boolean) label is the metric itself.",
+    )
+    kind: ExperimentMetricKind = Field(
+        default="bernoulli", description="Conversion (0/1) or a continuous value."
+    )
+    higher_is_better: bool = Field(default=True, description="Direction of the metric.")
+    unit: Literal["key", "request"] = Field(
+        default="key",
+        description="What is randomised: the assignment key (a user; its requests' metric is "
+        "averaged) or each request. Requests without a key count as their own unit.",
+    )
+    attribution_window_s: float = Field(
+        default=3600,
+        gt=0,
+        le=90 * 86400,
+        description="How long after a request its label may arrive. Later labels are ignored.",
+    )
+    missing_label: Literal["zero", "exclude"] = Field(
+        default="zero",
+        description="A request still unlabelled after the window counts as 0, or not at all.",
+    )
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Error rate of the test.")
+    mde: float | None = Field(
+        default=None,
+        gt=0,
+        description="Smallest absolute effect worth detecting; tunes the sequential test.",
+    )
+    min_effect: float = Field(
+        default=0.0, ge=0, description="A win must beat the champion by more than this."
+    )
+    min_samples: int = Field(default=200, ge=2, description="Units per arm before any decision.")
+    max_samples: int = Field(
+        default=100_000, ge=2, description="Units per arm at which the test stops."
+    )
+    max_duration_s: float = Field(
+        default=7 * 86400, gt=0, description="The experiment stops after this long."
+    )
+    winsorize_quantile: float | None = Field(
+        default=None,
+        gt=0.5,
+        lt=1,
+        description="Cap unit values at this quantile of both arms together (heavy tails).",
+    )
+    cuped: bool = Field(
+        default=False,
+        description="Adjust by each unit's pre-period mean of the same metric (CUPED).",
+    )
+    pre_period_s: float = Field(
+        default=7 * 86400,
+        gt=0,
+        le=90 * 86400,
+        description="CUPED's pre-period: this long before the canary started.",
+    )
+    max_error_rate_increase: float = Field(
+        default=0.01, ge=0, le=1, description="Guardrail: error rate over the champion's."
+    )
+    max_latency_increase_ms: float = Field(
+        default=50, ge=0, description="Guardrail: mean latency over the champion's, in ms."
+    )
+    actions: ExperimentActions = Field(default_factory=ExperimentActions)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ExperimentCriteria:
+        if self.max_samples < self.min_samples:
+            raise ValueError("max_samples must be at least min_samples")
+        return self
+
+
 class Policy(BaseModel):
     """Gate settings for one model (or the default for all)."""
 
@@ -265,6 +368,11 @@ class Policy(BaseModel):
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
     drift: DriftCriteria = Field(default_factory=DriftCriteria)
+    experiment: ExperimentCriteria | None = Field(
+        default=None,
+        description="Run the canary as an A/B experiment; its decision replaces the canary "
+        "report at the canary->production gate.",
+    )
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)

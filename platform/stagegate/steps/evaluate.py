@@ -14,6 +14,7 @@ from stagegate.governance.policies import get_policy
 from stagegate.lifecycle.policy import CanaryCriteria, ShadowCriteria
 from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Stage
 from stagegate.serving.inference_log.comparison import Comparison, compare
+from stagegate.steps import experiment
 from stagegate.steps.common import SERVICE, regate
 
 KIND = {Stage.shadow: "shadow", Stage.canary: "canary"}
@@ -78,6 +79,23 @@ def _canary_verdict(
     return True, not problems, facts + ("; " + "; ".join(problems) if problems else "")
 
 
+def _experiment(
+    engine: Engine, sink: EventSink, log_url: str, model: str, version: int, now: datetime
+) -> EvaluateResult:
+    """The policy runs this canary as an A/B experiment: one look of the sequential test."""
+    outcome = experiment.look(engine, sink, log_url, model, version, now=now)
+    return EvaluateResult(
+        model,
+        version,
+        experiment.KIND,
+        decided=outcome.decided,
+        passed=outcome.passed,
+        reason=outcome.reason,
+        summary=outcome.summary,
+        approved=outcome.approved,
+    )
+
+
 def evaluate(
     engine: Engine,
     sink: EventSink,
@@ -106,6 +124,8 @@ def evaluate(
                 evaluations.evidence_key(model, version, kind, since, row.digest, champion_version),
             )
         )
+    if kind == "canary" and policy.experiment is not None:
+        return _experiment(engine, sink, log_url, model, version, now)
     result = EvaluateResult(model, version, kind)
     if kind is None:
         result.reason = f"v{version} is {stage}: nothing to evaluate"

@@ -92,3 +92,28 @@ def read_labeled(root_url: str, model: str) -> Any:
     """
     with connect(root_url, model=model) as con:
         return con.sql(_LABELED, params={"model": model}).to_arrow_table()
+
+
+# Every answer of the champion and the challenger in a window, with the request's latest
+# label if any (a LEFT JOIN: an unlabelled request still counts, by the attribution rule).
+_OUTCOMES = """
+WITH latest AS (
+    SELECT request_id, label, "at" AS labeled_at FROM labels WHERE model = $model
+    QUALIFY row_number() OVER (PARTITION BY request_id ORDER BY "at" DESC) = 1
+)
+SELECT i.request_id, i.version, i.role, i.key_hash, i.status, i.latency_ms, i."at",
+       l.label, l.labeled_at
+FROM inference AS i LEFT JOIN latest AS l USING (request_id)
+WHERE i.model = $model AND i.role IN ('champion', 'challenger')
+  AND i."at" >= $since AND i."at" < $until
+ORDER BY i."at", i.request_id, i.role
+"""
+
+
+def read_outcomes(root_url: str, model: str, *, since: datetime, until: datetime) -> Any:
+    """The champion's and challenger's answers logged in [since, until), each with its
+    request's latest label (null when none came): what an A/B experiment reads."""
+    with connect(root_url, model=model) as con:
+        return con.sql(
+            _OUTCOMES, params={"model": model, "since": utc(since), "until": utc(until)}
+        ).to_arrow_table()
