@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 
 from stagegate import runtime
 from stagegate.steps.intake import intake as intake_step
+from stagegate.steps.offpolicy import evaluate_candidate
 from stagegate.steps.retry import RETRYING
 
 
@@ -18,9 +19,23 @@ def record_and_open(name: str, version: int) -> dict[str, Any]:
     return asdict(intake_step(rt.engine, rt.registry, rt.sink, name, version))
 
 
+@task(**RETRYING)
+def offpolicy_report(name: str, version: int) -> dict[str, Any]:
+    """The offline counterfactual gate, where the policy has one (a no-op otherwise)."""
+    rt = runtime.current()
+    return asdict(
+        evaluate_candidate(
+            rt.engine, rt.registry, rt.sink, rt.settings.inference_log_url, name, version
+        )
+    )
+
+
 @flow(name="intake", log_prints=True)
 def intake(name: str, version: int) -> dict[str, Any]:
     result = record_and_open(name, version)
+    offline = offpolicy_report(name, version)
+    if offline["decided"]:
+        get_run_logger().info("%s v%s off-policy gate: %s", name, version, offline["reason"])
     get_run_logger().info(
         "%s v%s recorded=%s transition=%s digest=%s",
         name,

@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
-from stagegate.errors import NoReference, NotFoundError
+from stagegate.errors import NoReference, NotFoundError, PermanentError
 from stagegate.lifecycle.stages import REGISTRY_ALIAS, Stage
 from stagegate.registry import reference
 from stagegate.registry.protocol import DatasetRef, RegistryVersion, VersionRef
@@ -27,6 +28,8 @@ class FakeRegistry:
     mirror_calls: int = 0
     # What `log_reference` would have logged in the version's run (the artifact convention).
     references: dict[tuple[str, int], pa.Table] = field(default_factory=dict)
+    # A version's model: a function from rows to one answer per row (`predict`).
+    models: dict[tuple[str, int], Callable[[pa.Table], list[Any]]] = field(default_factory=dict)
 
     def add(
         self,
@@ -95,6 +98,12 @@ class FakeRegistry:
         if (name, version) in self.references:
             return f"runs:/{got.run_id}/{reference.REFERENCE_ARTIFACT_PATH}"
         return reference.describe_datasets(got.datasets)
+
+    def predict(self, name: str, version: int, rows: pa.Table, *, digest: str | None) -> list[Any]:
+        self.get_version(name, version)
+        if digest is not None and self.digests[(name, version)] != digest:
+            raise PermanentError(f"models:/{name}/{version} changed since it was recorded")
+        return self.models[(name, version)](rows)
 
     def swap_artifact(self, name: str, version: int) -> None:
         self.digests[(name, version)] = "f" * 64

@@ -20,12 +20,14 @@ from stagegate.lifecycle.gates import (
     ExperimentGate,
     GateContext,
     ReportFacts,
+    TaskMetricsGate,
     VersionFacts,
 )
 from stagegate.lifecycle.policy import (
     ExperimentActions,
     ExperimentCriteria,
     Policy,
+    TaskCriteria,
     default_policy,
 )
 from stagegate.lifecycle.stages import Stage
@@ -310,7 +312,7 @@ def test_units_are_assignment_keys_averaged_over_their_requests() -> None:
     ],
 )
 def test_metric_values_from_labels(label: str, kind: str, value: float | None) -> None:
-    assert metric_value(label, _criteria(kind=kind)) == value
+    assert metric_value(label, "converted", kind) == value
 
 
 # --- the gate --------------------------------------------------------------------------
@@ -343,3 +345,48 @@ def test_the_experiment_gate_counts_only_a_win_for_this_artifact_and_champion() 
     assert not gate.check(_ctx(policy, ReportFacts("experiment", True, "won", "old", 1))).passed
     assert not gate.check(_ctx(policy, ReportFacts("experiment", True, "won", "d2", 7))).passed
     assert not gate.check(_ctx(policy, ReportFacts("experiment", False, "lost", "d2", 1))).passed
+
+
+# --- one version, many tasks --------------------------------------------------------------
+
+
+def _task_ctx(policy: Policy, mine: dict[str, float], theirs: dict[str, float]) -> GateContext:
+    return GateContext(
+        Stage.candidate,
+        Stage.shadow,
+        "stagegate",
+        VersionFacts("m", 2, Stage.candidate, "d2", "dana", metrics=mine),
+        VersionFacts("m", 1, Stage.production, "d1", "dana", metrics=theirs),
+        [],
+        policy,
+        datetime(2026, 12, 1),
+    )
+
+
+def test_a_multi_task_model_is_judged_task_by_task_and_names_the_regressing_task() -> None:
+    champion = {f"task/t{i:02d}/auc": 0.80 for i in range(32)} | {"task/t00/logloss": 0.40}
+    policy = default_policy().model_copy(
+        update={
+            "tasks": TaskCriteria(
+                default_tolerance=0.005,
+                tolerances={"t07": 0.05},
+                lower_is_better=frozenset({"logloss"}),
+            )
+        }
+    )
+    gate = TaskMetricsGate()
+    better = {k: v + 0.01 for k, v in champion.items() if k.endswith("auc")}
+    better["task/t00/logloss"] = 0.39
+    assert gate.check(_task_ctx(policy, better, champion)).passed
+    # t07 may lose up to 0.05 by its own tolerance; t13 may lose only 0.005.
+    mixed = better | {"task/t07/auc": 0.76, "task/t13/auc": 0.79}
+    result = gate.check(_task_ctx(policy, mixed, champion))
+    assert not result.passed
+    assert result.reason.startswith("t13 regressed against champion v1")
+    assert "t07" not in result.reason.split(":")[0]
+    # Lower is better for logloss: a rise is a regression, and a missing task fails too.
+    worse_loss = better | {"task/t00/logloss": 0.45}
+    assert "t00 regressed" in gate.check(_task_ctx(policy, worse_loss, champion)).reason
+    dropped = {k: v for k, v in better.items() if "t31" not in k}
+    assert "t31 regressed" in gate.check(_task_ctx(policy, dropped, champion)).reason
+    assert not gate.applies(_task_ctx(default_policy(), better, champion))

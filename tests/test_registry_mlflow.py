@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from stagegate.errors import InvalidInput, NotFoundError, RetryableError
+from stagegate.errors import InvalidInput, NotFoundError, PermanentError, RetryableError
 from stagegate.lifecycle.stages import Stage
 from stagegate.registry import mlflow as adapter
 from stagegate.registry.mlflow import MlflowRegistry, parse_depends_on
@@ -216,6 +216,28 @@ def test_artifact_digest(
     assert first == again
     assert first != other
     assert os.listdir(scratch) == []  # temp dirs removed
+
+
+def test_predict_scores_rows_with_the_approved_artifact_only(
+    mlflow_registry: MlflowRegistry, trained: Trained
+) -> None:
+    """The off-policy gate scores logged contexts with the candidate: one answer per row,
+    from the artifact whose digest was recorded, and no other."""
+    import pyarrow as pa
+    from sklearn.datasets import make_classification
+
+    features, _ = make_classification(n_samples=200, n_features=6, random_state=0)
+    rows = pa.table({f"f{i}": features[:5, i] for i in range(6)})
+    digest = mlflow_registry.artifact_digest("churn", trained.v1)
+    answers = mlflow_registry.predict("churn", trained.v1, rows, digest=digest)
+    assert len(answers) == 5
+    assert set(answers) <= {0, 1}
+    with pytest.raises(PermanentError, match="changed since it was recorded"):
+        mlflow_registry.predict(
+            "churn", trained.v1, rows, digest=mlflow_registry.artifact_digest("churn", trained.v2)
+        )
+    with pytest.raises(PermanentError, match="failed to score"):
+        mlflow_registry.predict("churn", trained.v1, pa.table({"x": [1.0]}), digest=None)
 
 
 def test_artifact_digest_of_same_model_files_matches(

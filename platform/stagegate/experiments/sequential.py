@@ -125,7 +125,9 @@ class Crossing:
 
     def tail(self, c: float) -> float:
         """P(no crossing and |W(1)| >= c), the density integrated by the trapezoid rule."""
-        return self._outer(c, self.x, self.density) + self._outer(c, -self.x[::-1], self.density[::-1])
+        return self._outer(c, self.x, self.density) + self._outer(
+            c, -self.x[::-1], self.density[::-1]
+        )
 
     @staticmethod
     def _outer(c: float, x: FloatArray, f: FloatArray) -> float:
@@ -195,7 +197,9 @@ def _last_look_c(rho: float, alpha: float) -> float:
     left = alpha - cross.probability
     if left <= 0:  # Ville's inequality makes this impossible; the guard keeps a bad grid loud
         raise ArithmeticError(f"no alpha left for the last look (rho={rho}, alpha={alpha})")
-    return float(optimize.brentq(lambda c: cross.tail(c) - left, 0.0, float(cross.x[-1]), xtol=1e-9))
+    return float(
+        optimize.brentq(lambda c: cross.tail(c) - left, 0.0, float(cross.x[-1]), xtol=1e-9)
+    )
 
 
 @lru_cache(maxsize=16)
@@ -288,7 +292,11 @@ def bounds(
 
 
 def fixed_horizon_samples(
-    mde: float, variance_treatment: float, variance_control: float, *, alpha: float = 0.05,
+    mde: float,
+    variance_treatment: float,
+    variance_control: float,
+    *,
+    alpha: float = 0.05,
     power: float = 0.8,
 ) -> int:
     """Per-arm sample of the two-sided fixed-horizon z-test with this power at `mde`."""
@@ -361,7 +369,9 @@ def sequential_test(
         # Both arms constant: the difference is known exactly (or nothing is known, tau = 0).
         if tau2 == 0:
             return SequentialResult(**common, lower=-math.inf, upper=math.inf, p_value=1.0)  # type: ignore[arg-type]
-        return SequentialResult(**common, lower=d, upper=d, p_value=0.0 if d else 1.0, final_look=final)  # type: ignore[arg-type]
+        return SequentialResult(
+            **common, lower=d, upper=d, p_value=0.0 if d else 1.0, final_look=final
+        )  # type: ignore[arg-type]
     half, log_lr = bounds(d, variance, tau2, alpha, final=final)
     if final:
         p = _last_look_p(d / math.sqrt(variance), tau2 / variance)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ClassVar
 
+from stagegate.experiments.tasks import compare_tasks
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
@@ -210,6 +211,36 @@ class OfflineMetricGate(Gate):
         return self.ok(verdict) if better_or_equal else self.hold(verdict + " (worse)")
 
 
+class TaskMetricsGate(Gate):
+    """A multi-task model: every task's offline metrics hold up against the champion's, each
+    within its tolerance. One task regressing holds the version back and is named."""
+
+    TO_STAGES = frozenset({Stage.shadow, Stage.canary, Stage.production})
+    name = "task_metrics"
+
+    def applies(self, ctx: GateContext) -> bool:
+        return super().applies(ctx) and ctx.policy.tasks is not None
+
+    def check(self, ctx: GateContext) -> GateResult:
+        criteria = ctx.policy.tasks
+        assert criteria is not None  # applies() guarantees it
+        champ = ctx.champion
+        if champ is None or champ.version == ctx.version.version:
+            return self.ok("no champion to compare tasks with")
+        higher = dict.fromkeys(criteria.lower_is_better, False)
+        verdict = compare_tasks(
+            ctx.version.metrics,
+            champ.metrics,
+            criteria.tolerances,
+            criteria.default_tolerance,
+            higher or True,
+        )
+        against = f" against champion v{champ.version}"
+        if verdict.passed:
+            return self.ok(verdict.reason + against)
+        return self.hold(f"{', '.join(verdict.failed_tasks)} regressed{against}: {verdict.reason}")
+
+
 class LineageGate(Gate):
     TO_STAGES = frozenset({Stage.production})
     name = "lineage"
@@ -305,6 +336,19 @@ class ExperimentGate(ShadowReportGate):
         return ctx.policy.experiment is not None
 
 
+class OffPolicyGate(ShadowReportGate):
+    """candidate->shadow: the candidate's reward, estimated offline from the champion's
+    logged decisions, is at least the champion's minus the policy's margin."""
+
+    FROM_STAGES = frozenset({Stage.candidate})
+    TO_STAGES = frozenset({Stage.shadow})
+    name = "offpolicy"
+    kind = "offpolicy"
+
+    def required(self, ctx: GateContext) -> bool:
+        return ctx.policy.offpolicy is not None
+
+
 class DriftAlarmGate(Gate):
     """By policy, an open drift alarm on the champion blocks other versions from production
     until someone acknowledges it: the evidence they were judged against has moved."""
@@ -329,11 +373,13 @@ class DriftAlarmGate(Gate):
 GATES: tuple[Gate, ...] = (
     ApprovalsGate(),
     OfflineMetricGate(),
+    TaskMetricsGate(),
     LineageGate(),
     StageFreeGate(),
     ShadowReportGate(),
     CanaryReportGate(),
     ExperimentGate(),
+    OffPolicyGate(),
     DriftAlarmGate(),
 )
 

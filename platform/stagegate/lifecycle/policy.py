@@ -246,6 +246,86 @@ class DriftCriteria(BaseModel):
         return self
 
 
+class TaskCriteria(BaseModel):
+    """A multi-task model judged per task: run metrics named `task/<task>/<metric>` are
+    compared one by one with the champion's, each within its tolerance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_tolerance: float = Field(
+        default=0.0, ge=0, description="Largest allowed regression, in the metric's units."
+    )
+    tolerances: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per full metric name (`task/ads/auc`) or per task (`ads`): its tolerance.",
+    )
+    lower_is_better: frozenset[str] = Field(
+        default=frozenset(),
+        description="Metric names (`logloss`) or full names where lower is better.",
+    )
+
+    @field_validator("tolerances")
+    @classmethod
+    def _non_negative(cls, tolerances: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in tolerances.items() if not v >= 0]
+        if bad:
+            raise ValueError(f"tolerances must be >= 0: {', '.join(sorted(bad))}")
+        return tolerances
+
+
+class OffPolicyCriteria(BaseModel):
+    """candidate->shadow: replay the champion's logged decisions and estimate the candidate's
+    reward before it serves a request (docs/off-policy.md). The champion's answers must carry
+    the action it took and that action's probability."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action_column: str = Field(
+        default="prediction.action",
+        min_length=1,
+        max_length=200,
+        description="Logged feature-row column with the champion's action (an integer "
+        "0..K-1): `prediction.<key>` for an answer that is an object per row.",
+    )
+    propensity_column: str = Field(
+        default="prediction.propensity",
+        min_length=1,
+        max_length=200,
+        description="Logged column with the probability the champion gave that action.",
+    )
+    context_columns: tuple[str, ...] | None = Field(
+        default=None,
+        description="Columns the candidate scores and the reward model reads; None takes "
+        "every logged feature column (the reward model uses the numeric ones).",
+    )
+    reward: str = Field(
+        min_length=1,
+        max_length=200,
+        description="The reward: the label's field of this name, or a plain number label.",
+    )
+    estimator: Literal["ips", "snips", "dr"] = Field(
+        default="dr", description="Doubly robust (with a learned reward model), IPS or SNIPS."
+    )
+    margin: float = Field(
+        default=0.0, ge=0, description="Passes when candidate >= champion - margin (reward units)."
+    )
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="One-sided confidence of that comparison."
+    )
+    min_rows: int = Field(
+        default=1000, ge=2, description="Rows with a valid propensity and a reward needed."
+    )
+    insufficient_data_blocks: bool = Field(
+        default=True, description="Whether 'insufficient data' holds the candidate back."
+    )
+    window_s: float = Field(
+        default=7 * 86400,
+        gt=0,
+        le=90 * 86400,
+        description="How far back the champion's logged decisions are read.",
+    )
+
+
 ExperimentMetricKind = Literal["bernoulli", "continuous"]
 
 
@@ -368,6 +448,16 @@ class Policy(BaseModel):
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
     drift: DriftCriteria = Field(default_factory=DriftCriteria)
+    tasks: TaskCriteria | None = Field(
+        default=None,
+        description="Judge `task/<task>/<metric>` run metrics task by task against the "
+        "champion's, before shadow, canary and production.",
+    )
+    offpolicy: OffPolicyCriteria | None = Field(
+        default=None,
+        description="Gate candidate->shadow on an offline counterfactual estimate of the "
+        "candidate's reward from the champion's logged decisions.",
+    )
     experiment: ExperimentCriteria | None = Field(
         default=None,
         description="Run the canary as an A/B experiment; its decision replaces the canary "

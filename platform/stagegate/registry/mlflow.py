@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import mlflow.artifacts
+import mlflow.pyfunc
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from mlflow import MlflowClient
@@ -242,6 +243,30 @@ class MlflowRegistry:
         return sorted(set(refs), key=lambda ref: (ref.name, ref.version))
 
     def artifact_digest(self, name: str, version: int) -> str:
+        with tempfile.TemporaryDirectory(prefix="stagegate-artifacts-") as tmp:
+            return tree_digest(self._download(name, version, tmp))
+
+    def predict(self, name: str, version: int, rows: pa.Table, *, digest: str | None) -> list[Any]:
+        model_uri = f"models:/{name}/{version}"
+        with tempfile.TemporaryDirectory(prefix="stagegate-score-") as tmp:
+            root = self._download(name, version, tmp)
+            if digest is not None and (found := tree_digest(root)) != digest:
+                raise PermanentError(
+                    f"{model_uri} changed since it was recorded: its artifact hashes to "
+                    f"{found[:12]}, not {digest[:12]}"
+                )
+            with _mlflow_errors(f"loading {model_uri}"):
+                model = mlflow.pyfunc.load_model(str(root))
+            try:
+                answers = model.predict(rows.to_pandas())
+            except Exception as exc:  # the model's own code: any error is its answer
+                raise PermanentError(
+                    f"{model_uri} failed to score {rows.num_rows} rows: {exc}"
+                ) from exc
+        return _per_row(answers, rows.num_rows, model_uri)
+
+    def _download(self, name: str, version: int, tmp: str) -> Path:
+        """The version's model directory, downloaded under `tmp`."""
         _check_name(name)
         _check_version(version)
         model_uri = f"models:/{name}/{version}"
@@ -255,21 +280,20 @@ class MlflowRegistry:
                 f"{model_uri} resolves to {location!r}, which is not remote artifact storage; "
                 "run the MLflow server with proxied artifacts (--artifacts-destination)"
             )
-        with tempfile.TemporaryDirectory(prefix="stagegate-artifacts-") as tmp:
-            try:
-                with _mlflow_errors(f"artifacts of {model_uri}"):
-                    local = mlflow.artifacts.download_artifacts(
-                        artifact_uri=location,
-                        dst_path=tmp,
-                        tracking_uri=self._tracking_uri,
-                        registry_uri=self._tracking_uri,
-                    )
-            except OSError as exc:  # requests' errors are OSErrors too
-                raise RetryableError(f"downloading artifacts of {model_uri}: {exc}") from exc
-            root = Path(local)
-            if not root.is_dir():
-                raise PermanentError(f"{model_uri} resolved to a single file, not a model dir")
-            return tree_digest(root)
+        try:
+            with _mlflow_errors(f"artifacts of {model_uri}"):
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=location,
+                    dst_path=tmp,
+                    tracking_uri=self._tracking_uri,
+                    registry_uri=self._tracking_uri,
+                )
+        except OSError as exc:  # requests' errors are OSErrors too
+            raise RetryableError(f"downloading artifacts of {model_uri}: {exc}") from exc
+        root = Path(local)
+        if not root.is_dir():
+            raise PermanentError(f"{model_uri} resolved to a single file, not a model dir")
+        return root
 
     def mirror_stage(self, name: str, version: int, stage: Stage) -> None:
         _check_name(name)
@@ -451,3 +475,17 @@ def log_reference(frame: Any, *, artifact_path: str = reference.REFERENCE_ARTIFA
         pq.write_table(table, path)
         mlflow.log_artifact(str(path), artifact_path)
     return f"runs:/{run.info.run_id}/{artifact_path.strip('/')}/reference.parquet"
+
+
+def _per_row(answers: Any, rows: int, what: str) -> list[Any]:
+    """A pyfunc's batch answer as one JSON-like value per row (a DataFrame's row becomes an
+    object, a 2-D array's row a list)."""
+    if hasattr(answers, "to_dict") and hasattr(answers, "columns"):  # a DataFrame
+        out: list[Any] = answers.to_dict(orient="records")
+    elif hasattr(answers, "tolist"):  # an ndarray or a Series
+        out = answers.tolist()
+    else:
+        out = list(answers)
+    if len(out) != rows:
+        raise PermanentError(f"{what} gave {len(out)} answers to {rows} rows")
+    return out

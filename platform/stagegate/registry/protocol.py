@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stagegate.lifecycle.stages import Stage
 
@@ -92,4 +92,10 @@ class ModelRegistry(Protocol):
     def describe_reference(self, name: str, version: int) -> str | None:
         """Where `load_reference` would read from (an artifact URI, a path or a URL), without
         reading it; None if nowhere."""
+        ...
+
+    def predict(self, name: str, version: int, rows: pa.Table, *, digest: str | None) -> list[Any]:
+        """The version's answers to `rows`, one per row, scored in one batch by its pyfunc
+        model. With `digest`, the downloaded artifact must hash to it (PermanentError if not),
+        as the model server checks before it serves."""
         ...

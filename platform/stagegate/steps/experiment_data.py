@@ -60,8 +60,9 @@ class Samples:
     notes: list[str] = field(default_factory=list)
 
 
-def metric_value(label_json: str | None, c: ExperimentCriteria) -> float | None:
-    """The metric carried by a stored label, or None when it carries none."""
+def metric_value(label_json: str | None, metric: str, kind: str = "continuous") -> float | None:
+    """The metric carried by a stored label (its field `metric`, or the label itself when it
+    is a plain number), or None when it carries none; a bernoulli metric only 0 or 1."""
     if label_json is None:
         return None
     try:
@@ -69,13 +70,13 @@ def metric_value(label_json: str | None, c: ExperimentCriteria) -> float | None:
     except orjson.JSONDecodeError:
         return None
     if isinstance(label, dict):
-        label = label.get(c.metric)
+        label = label.get(metric)
     if not isinstance(label, int | float):  # bool is an int: true converts
         return None
     value = float(label)
     if not math.isfinite(value):
         return None
-    if c.kind == "bernoulli" and value not in (0.0, 1.0):
+    if kind == "bernoulli" and value not in (0.0, 1.0):
         return None
     return value
 
@@ -113,7 +114,7 @@ def build_arm(rows: list[dict[str, Any]], c: ExperimentCriteria, now: datetime) 
             if (row["labeled_at"] - at).total_seconds() > window:
                 arm.late += 1
             else:
-                value = metric_value(row["label"], c)
+                value = metric_value(row["label"], c.metric, c.kind)
                 if value is None:
                     arm.unusable += 1
         if value is not None:
@@ -144,7 +145,7 @@ def pre_period_means(rows: list[dict[str, Any]], c: ExperimentCriteria) -> dict[
             c.attribution_window_s
         ):
             continue
-        value = metric_value(row["label"], c)
+        value = metric_value(row["label"], c.metric, c.kind)
         if value is not None:
             ids.append(_unit_id(row, c))
             values.append(value)

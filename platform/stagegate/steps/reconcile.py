@@ -10,12 +10,14 @@ from stagegate.db import Engine, transaction, utcnow
 from stagegate.errors import StagegateError
 from stagegate.events.sink import EventSink
 from stagegate.governance import endpoints, transitions, versions
+from stagegate.lifecycle.stages import Stage
 from stagegate.registry.protocol import ModelRegistry, valid_model_name
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.common import regate
 from stagegate.steps.converge import DataPlane, converge
 from stagegate.steps.evaluate import KIND, evaluate
 from stagegate.steps.intake import intake
+from stagegate.steps.offpolicy import evaluate_candidate
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,22 @@ def _evaluate_stages(
         report.evaluated.append(f"{name}/{number}: {result.kind} {state}")
 
 
+def _evaluate_candidates(
+    engine: Engine, registry: ModelRegistry, sink: EventSink, log_url: str, report: ReconcileReport
+) -> None:
+    """Decide the off-policy reports of candidates whose intake flow died before it did."""
+    with transaction(engine, read_only=True) as session:
+        candidates = versions.in_stages(session, [Stage.candidate])
+    for name, number in candidates:
+        try:
+            result = evaluate_candidate(engine, registry, sink, log_url, name, number)
+        except StagegateError as exc:
+            report.errors.append(f"off-policy {name}/{number}: {exc.detail}")
+            continue
+        if result.decided:
+            report.evaluated.append(f"{name}/{number}: offpolicy {result.verdict}")
+
+
 def reconcile(
     engine: Engine,
     registry: ModelRegistry,
@@ -141,6 +159,7 @@ def reconcile(
     _converge_all(engine, sink, plane, report)
     if plane.log_url is not None:
         _evaluate_stages(engine, sink, plane.log_url, report)
+        _evaluate_candidates(engine, registry, sink, plane.log_url, report)
     for line in report.errors:
         log.warning("reconcile: %s", line)
     return report
