@@ -89,6 +89,43 @@ def _open_for(session: Session, version: ModelVersion) -> list[Transition]:
     )
 
 
+def _approved_at(session: Session, t: Transition) -> datetime | None:
+    """When the transition's approvals were complete: decided_at once approved; for a pending
+    one whose approvals gate passed at its last evaluation, its latest approval."""
+    if t.status is TransitionStatus.approved:
+        return t.decided_at
+    passed = any(g["gate"] == "approvals" and g["passed"] for g in t.gate_results)
+    if not passed:
+        return None
+    times = [a.created_at for a in approvals_of(session, t.id) if a.decision == "approve"]
+    return max(times, default=t.created_at)
+
+
+def _queue_ahead(session: Session, t: Transition) -> tuple[gates.QueuedFacts, ...]:
+    """Open transitions of other versions into the same slot, ahead of `t` in the queue."""
+    if t.to_stage not in EXCLUSIVE or t.to_stage is Stage.production:
+        return ()
+    others = session.exec(
+        select(Transition).where(
+            Transition.model_name == t.model_name,
+            Transition.to_stage == t.to_stage,
+            Transition.version != t.version,
+            col(Transition.status).in_(OPEN_STATUSES),
+        )
+    ).all()
+    mine = _approved_at(session, t)
+    ahead = []
+    for other in others:
+        theirs = _approved_at(session, other)
+        if theirs is None:
+            continue
+        if other.status is TransitionStatus.approved or mine is None or (
+            (theirs, other.created_at) < (mine, t.created_at)
+        ):
+            ahead.append(gates.QueuedFacts(other.version, other.id, theirs))
+    return tuple(ahead)
+
+
 def _context(
     session: Session, t: Transition, version: ModelVersion, now: datetime
 ) -> gates.GateContext:
@@ -114,6 +151,7 @@ def _context(
         reports=evaluations.facts(session, t.model_name, t.version),
         version_alarm=alarms.facts(session, t.model_name, t.version),
         champion_alarm=alarms.facts(session, t.model_name, champion.version) if champion else None,
+        queue_ahead=_queue_ahead(session, t),
     )
 
 

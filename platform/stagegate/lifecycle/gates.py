@@ -61,6 +61,16 @@ class AlarmFacts:
     drifted_features: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class QueuedFacts:
+    """Another version's open transition into the same shadow or canary slot, ahead of this
+    one in the queue: approved already, or its approvals complete earlier."""
+
+    version: int
+    transition_id: str
+    approved_at: datetime
+
+
 SERVICE_NAME = "stagegate"  # the platform's own identity; reserved, no person can hold it
 
 
@@ -80,6 +90,8 @@ class GateContext:
     # Open drift alarms of the version itself and of the champion.
     version_alarm: AlarmFacts | None = None
     champion_alarm: AlarmFacts | None = None
+    # Versions queued for the same (exclusive, non-production) target stage ahead of this one.
+    queue_ahead: tuple[QueuedFacts, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,7 +276,8 @@ class LineageGate(Gate):
 
 
 class StageFreeGate(Gate):
-    """Shadow and canary hold one version each; wait until the slot frees up."""
+    """Shadow and canary hold one version each; wait until the slot frees up. Versions
+    waiting for the slot queue in a stated order: first approved, first served."""
 
     TO_STAGES = frozenset({Stage.shadow, Stage.canary})
     name = "stage_free"
@@ -272,6 +285,12 @@ class StageFreeGate(Gate):
     def check(self, ctx: GateContext) -> GateResult:
         if ctx.occupant is not None and ctx.occupant.version != ctx.version.version:
             return self.hold(f"v{ctx.occupant.version} is in {ctx.to_stage}; move it on first")
+        if ctx.queue_ahead:
+            first = min(ctx.queue_ahead, key=lambda q: q.approved_at)
+            return self.hold(
+                f"{len(ctx.queue_ahead)} ahead in the queue for {ctx.to_stage} (first approved, "
+                f"first served): v{first.version}, approved {first.approved_at:%Y-%m-%d %H:%M:%S}"
+            )
         return self.ok(f"{ctx.to_stage} is free")
 
 
