@@ -130,7 +130,17 @@ def test_two_approvals_racing_for_one_slot_defer_the_second(
 ) -> None:
     reg, t1, t2 = _two_candidates(engine, sink)
     _approve(engine, t1)
-    _approve(engine, t2)  # both approved while shadow was still free
+    _approve(engine, t2)  # approved second: it queues behind t1 for the free slot
+    with transaction(engine) as s:
+        queued = transitions.get_transition(s, t2)
+        assert queued.status is TransitionStatus.pending
+        assert "ahead in the queue for shadow" in queued.gate_results[-1]["reason"] or any(
+            "ahead in the queue" in g["reason"] for g in queued.gate_results
+        )
+        # Two evaluations racing in separate processes could still approve both: apply
+        # checks the slot again, as the last line of defence.
+        queued.status = TransitionStatus.approved
+        s.add(queued)
     assert apply_transition(engine, reg, t1).status is TransitionStatus.applied
     deferred = apply_transition(engine, reg, t2)
     assert deferred.status is TransitionStatus.pending
