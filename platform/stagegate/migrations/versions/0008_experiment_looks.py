@@ -1,7 +1,7 @@
 """the looks of canary A/B experiments
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-07 16:00:00.000000
 """
 
@@ -11,8 +11,8 @@ from alembic import op
 
 import stagegate.db
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
