@@ -16,8 +16,10 @@ from stagegate.api.routers import (
     events,
     feedback,
     health,
+    identities,
     models,
     monitoring,
+    policy_changes,
     traffic,
     transitions,
 )
@@ -35,6 +37,8 @@ ROUTERS = (
     feedback.router,
     traffic.router,
     monitoring.router,
+    identities.router,
+    policy_changes.router,
 )
 
 

@@ -87,6 +87,7 @@ class CanaryCriteria(BaseModel):
 NumericalTest = Literal["auto", "wasserstein", "ks", "jensenshannon"]
 CategoricalTest = Literal["auto", "jensenshannon", "chisquare", "z"]
 ColumnKind = Literal["numerical", "categorical"]
+UnmappedAuthor = Literal["block", "warn"]
 
 
 class DriftActions(BaseModel):
@@ -265,6 +266,12 @@ class Policy(BaseModel):
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
     drift: DriftCriteria = Field(default_factory=DriftCriteria)
+    unmapped_author: UnmappedAuthor | None = Field(
+        default=None,
+        description="When a version's MLflow author is linked to no identity: 'block' refuses "
+        "approvals (until an admin links the name), 'warn' counts them and records a warning. "
+        "None: 'block' in prod mode, 'warn' in dev mode.",
+    )
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)
