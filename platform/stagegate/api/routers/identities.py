@@ -28,9 +28,7 @@ def _public(info: IdentityInfo) -> schemas.IdentityPublic:
 @router.get("", responses=responses(401, 403, 422, 503))
 def list_identities(session: SessionDep, _: Admin) -> schemas.IdentitiesPublic:
     """Every identity that holds or held a token, with its linked MLflow user names."""
-    return schemas.IdentitiesPublic(
-        data=[_public(i) for i in identities.list_identities(session)]
-    )
+    return schemas.IdentitiesPublic(data=[_public(i) for i in identities.list_identities(session)])
 
 
 @router.put("/{name}/mlflow-users/{mlflow_user}", responses=responses(401, 403, 404, 409, 422, 503))
@@ -43,9 +41,7 @@ def link_mlflow_user(
     return _public(identities.get_identity(session, name))
 
 
-@router.delete(
-    "/{name}/mlflow-users/{mlflow_user}", responses=responses(401, 403, 404, 422, 503)
-)
+@router.delete("/{name}/mlflow-users/{mlflow_user}", responses=responses(401, 403, 404, 422, 503))
 def unlink_mlflow_user(
     session: SessionDep, admin: Admin, name: IdentityName, mlflow_user: MlflowUser
 ) -> schemas.IdentityPublic:
