@@ -86,7 +86,9 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
                 added = ", ".join(sorted(now.roles - was.roles)) or "none"
                 removed = ", ".join(sorted(was.roles - now.roles)) or "none"
                 found.append(f"{move}: approver roles changed (added {added}; removed {removed})")
-    if unmapped_handling(old) == "block" and unmapped_handling(new) == "warn":
+    # Pinning "warn" weakens in any mode (dev's default would carry it into prod unseen).
+    pinned = new.unmapped_author == "warn" and old.unmapped_author != "warn"
+    if pinned or (unmapped_handling(old) == "block" and unmapped_handling(new) == "warn"):
         found.append("approvals of versions whose author is linked to no identity now count")
     if new.drift.actions.rollback_applies_alone and not old.drift.actions.rollback_applies_alone:
         found.append("drift rollbacks now apply without approval")
