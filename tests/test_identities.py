@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from click.testing import Result
 from fastapi.testclient import TestClient
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -28,6 +30,7 @@ from stagegate.lifecycle import gates
 from stagegate.lifecycle.gates import AuthorFacts
 from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
+from stagegate.migrate import alembic_config, upgrade
 from stagegate.settings import Settings, get_settings
 from tests.factories import Factory
 
@@ -493,5 +496,20 @@ def test_token_link_and_unlink_on_the_command_line(
                 "identity.linked",
                 "identity.unlinked",
             ]
+    finally:
+        engine.dispose()
+
+
+def test_migration_0007_adds_and_removes_links_and_policy_changes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'trust.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    added = {"identity_link", "policy_change"}
+    try:
+        assert added <= set(inspect(engine).get_table_names())
+        command.downgrade(alembic_config(url), "0006")
+        assert not added & set(inspect(engine).get_table_names())
+        upgrade(url)
+        assert added <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
