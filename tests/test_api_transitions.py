@@ -397,7 +397,14 @@ def test_policy_is_data_per_model(
     for rule in policy["approvals"]:
         rule["required"] = 0
     r = client.put("/api/v1/models/fraud/policy", headers=people["root"], json=policy)
-    assert r.status_code == 200, r.text
+    # No approvals at all is below the floor: a second admin must agree (four eyes).
+    assert r.status_code == 202, r.text
+    r = client.post(
+        f"/api/v1/policy-changes/{r.json()['id']}/approvals",
+        headers=factory.token("root2", "admin"),
+        json={"decision": "approve"},
+    )
+    assert r.status_code == 201, r.text
     t = request(client, people["erin"], "shadow")
     assert t["status"] == "approved"
     bad = dict(policy, approvals=policy["approvals"][:1])

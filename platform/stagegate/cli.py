@@ -459,6 +459,45 @@ def token_revoke(
     typer.echo(f"revoked {n} token(s) of {who}")
 
 
+@token_app.command("link")
+def token_link(
+    name: Annotated[str, typer.Argument(help="The identity (a token holder).")],
+    mlflow_user: Annotated[str, typer.Argument(help="An MLflow user name that is this person.")],
+) -> None:
+    """Link an MLflow user name to an identity: versions that MLflow user registers are then
+    the identity's own, which may not approve them (separation of duties)."""
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import identities
+    from stagegate.migrate import upgrade
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    try:
+        with transaction(make_engine(settings.database_url)) as s:
+            added = identities.link(s, identity=name, mlflow_user=mlflow_user, actor="cli")
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(f"{'linked' if added else 'already linked:'} MLflow user {mlflow_user} -> {name}")
+
+
+@token_app.command("unlink")
+def token_unlink(
+    name: Annotated[str, typer.Argument(help="The identity.")],
+    mlflow_user: Annotated[str, typer.Argument(help="The MLflow user name to unlink.")],
+) -> None:
+    """Remove a link; that MLflow user's versions are then unmapped (see the policy)."""
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import identities
+
+    try:
+        with transaction(make_engine(get_settings().database_url)) as s:
+            identities.unlink(s, identity=name, mlflow_user=mlflow_user, actor="cli")
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(f"unlinked MLflow user {mlflow_user} from {name}")
+
+
 @audit_app.command("verify")
 def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,

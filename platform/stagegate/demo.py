@@ -6,6 +6,7 @@ itself reaches MLflow only through `registry/mlflow.py`). It trains on generated
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import time
@@ -18,9 +19,10 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from sqlmodel import Session
 
 from stagegate.db import make_engine, transaction
-from stagegate.governance import tokens
+from stagegate.governance import identities, tokens
 from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Role, Stage
 from stagegate.settings import Settings
 
@@ -36,8 +38,23 @@ PEOPLE: dict[str, Role] = {
 }
 
 
+AUTHOR = "dana"  # the data scientist: she registers every version
+
+
 class DemoFailed(Exception):
     pass
+
+
+def mlflow_login() -> str:
+    """The MLflow user the demo's versions carry: MLflow's client tags each run with the OS
+    user (`mlflow.user`), and intake records it as the versions' author."""
+    return getpass.getuser()
+
+
+def link_author(session: Session, mlflow_user: str) -> bool:
+    """Link the demo's MLflow login to dana, so separation of duties knows the versions are
+    hers (an admin's step; `stagegate token link dana USER` does the same)."""
+    return identities.link(session, identity=AUTHOR, mlflow_user=mlflow_user, actor="demo")
 
 
 @dataclass
@@ -154,10 +171,12 @@ class Demo:
                     "Authorization": "Bearer "
                     + tokens.create_token(s, name=name, role=role, actor="demo")
                 }
+            login = mlflow_login()
+            link_author(s, login)
         engine.dispose()
         self.say(
             "[bold]1.[/] tokens issued: dana (author), alice and bob (approvers), "
-            "vic (viewer), ops (admin)"
+            f"vic (viewer), ops (admin); dana's MLflow login {login!r} linked to dana"
         )
 
     def data(self) -> tuple[Any, Any, Any, Any]:
@@ -239,6 +258,20 @@ class Demo:
         )
         return t
 
+    def refused_self_approval(self, version: int, tid: str) -> None:
+        """dana tries to approve her own version: separation of duties, through the link of
+        her MLflow login, refuses it (403) before her role is even looked at."""
+        r = self.api.post(
+            f"/api/v1/transitions/{tid}/approvals",
+            headers=self.headers[AUTHOR],
+            json={"decision": "approve", "comment": "my own model, looks great"},
+        )
+        if r.status_code != 403 or "author" not in r.json().get("detail", ""):
+            raise DemoFailed(f"dana's self-approval was not refused: {r.status_code} {r.text}")
+        self.say(
+            f"   dana tries to approve her own v{version}: [red]refused[/] ({r.json()['detail']})"
+        )
+
     def move(
         self,
         version: int,
@@ -287,6 +320,7 @@ class Demo:
             f"   webhook -> Prefect event -> intake flow opened candidate->shadow in {waited:.1f} s"
         )
         if step == 2:
+            self.refused_self_approval(version, t["id"])
             self.set_policy()
         for to, approvers in (
             ("shadow", ("alice",)),

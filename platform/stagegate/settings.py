@@ -82,6 +82,16 @@ class LifecycleSettings(BaseModel):
     )
 
 
+class GovernanceSettings(BaseModel):
+    min_approvals: int = Field(
+        default=1,
+        ge=0,
+        le=10,
+        description="The floor for approvals: a policy change that lowers any move's required "
+        "approvals below this waits for a second admin's approval (docs/approvals-and-audit.md).",
+    )
+
+
 class ServingSettings(BaseModel):
     log_url: str | None = Field(
         default=None,
@@ -167,6 +177,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     reference: ReferenceSettings = Field(default_factory=ReferenceSettings)

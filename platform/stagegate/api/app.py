@@ -17,8 +17,10 @@ from stagegate.api.routers import (
     experiments,
     feedback,
     health,
+    identities,
     models,
     monitoring,
+    policy_changes,
     traffic,
     transitions,
 )
@@ -37,6 +39,8 @@ ROUTERS = (
     traffic.router,
     monitoring.router,
     experiments.router,
+    identities.router,
+    policy_changes.router,
 )
 
 

@@ -6,7 +6,15 @@ from sqlmodel import Session
 
 from stagegate.api import schemas
 from stagegate.governance import lineage, transitions, versions
-from stagegate.governance.models import Approval, Deployment, Evaluation, ModelVersion, Transition
+from stagegate.governance.models import (
+    Approval,
+    Deployment,
+    Evaluation,
+    ModelVersion,
+    PolicyChange,
+    Transition,
+)
+from stagegate.lifecycle.policy import Policy
 
 
 def approval(a: Approval) -> schemas.ApprovalPublic:
@@ -66,3 +74,18 @@ def deployment(d: Deployment) -> schemas.DeploymentPublic:
 def report_url(e: Evaluation) -> str | None:
     """Where the API serves the evaluation's stored HTML report, if it has one."""
     return f"/api/v1/reports/{e.id}" if e.summary.get("report") else None
+
+
+def policy_change(change: PolicyChange) -> schemas.PolicyChangePublic:
+    return schemas.PolicyChangePublic(
+        id=change.id,
+        model=change.model_name,
+        status=change.status,
+        policy=Policy.model_validate(change.body),
+        weakens=list(change.weakens),
+        proposed_by=change.proposed_by,
+        proposed_at=change.proposed_at,
+        decided_by=change.decided_by,
+        decided_at=change.decided_at,
+        comment=change.comment,
+    )

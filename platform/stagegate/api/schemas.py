@@ -8,8 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from stagegate.api.limits import MAX_INT
-from stagegate.governance.models import TransitionStatus
+from stagegate.governance.models import PolicyChangeStatus, TransitionStatus
 from stagegate.lifecycle.endpoint import EndpointSpec
+from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import DeploymentRole, Role, Stage
 from stagegate.serving.policy import TrafficPolicy
 
@@ -250,3 +251,37 @@ class EndpointPublic(BaseModel):
     )
     converged: bool
     updated_at: datetime
+
+
+class IdentityPublic(BaseModel):
+    """A token holder and the MLflow user names linked to it (never a token)."""
+
+    name: str
+    role: Role
+    active: bool = Field(description="A live (unrevoked, unexpired) token authenticates it.")
+    mlflow_users: list[str] = Field(description="MLflow authors that are this identity.")
+
+
+class IdentitiesPublic(BaseModel):
+    data: list[IdentityPublic]
+
+
+class PolicyChangePublic(BaseModel):
+    """A policy change: applied at once, or pending a second admin because it weakens."""
+
+    id: str
+    model: str = Field(description="The model, or `*` for the default policy.")
+    status: PolicyChangeStatus
+    policy: Policy
+    weakens: list[str] = Field(description="Why it needs a second admin; empty if it does not.")
+    proposed_by: str
+    proposed_at: datetime
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    comment: str | None = None
+
+
+class PolicyChangesPublic(BaseModel):
+    data: list[PolicyChangePublic]
+    offset: int
+    limit: int

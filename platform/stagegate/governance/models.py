@@ -62,6 +62,45 @@ class ApiToken(SQLModel, table=True):
     expires_at: datetime | None = _ts(nullable=True)  # None: until revoked
 
 
+class IdentityLink(SQLModel, table=True):
+    """An MLflow user name and the identity (token holder) it belongs to: one identity per
+    MLflow name, so a version's author maps to exactly one identity or to none."""
+
+    __tablename__ = "identity_link"
+
+    mlflow_user: str = Field(primary_key=True, max_length=200)
+    identity: str = Field(index=True, max_length=100)
+    linked_by: str = Field(max_length=100)
+    linked_at: datetime = _ts()
+
+
+class PolicyChangeStatus(StrEnum):
+    applied = "applied"  # in force (at once, or once a second admin approved it)
+    pending = "pending"  # weakens the policy: waits for a second admin
+    rejected = "rejected"  # a second admin said no, or the proposer withdrew it
+
+
+class PolicyChange(SQLModel, table=True):
+    """Every change of a policy, and who proposed and approved it. A weakening change waits
+    here as `pending` until another admin approves it (four eyes)."""
+
+    __tablename__ = "policy_change"
+
+    id: str = Field(default_factory=_uuid, primary_key=True)
+    model_name: str = Field(index=True, max_length=128)  # `*`: the default policy
+    body: dict[str, Any] = _json(dict)  # the proposed policy
+    base: dict[str, Any] = _json(dict)  # the effective policy it was proposed against
+    weakens: list[str] = _json(list)  # why it needs a second admin; empty: it did not
+    status: PolicyChangeStatus = _enum(PolicyChangeStatus, PolicyChangeStatus.pending, index=True)
+    # The model name while pending, else NULL: at most one pending change per model.
+    pending_key: str | None = Field(default=None, unique=True, max_length=128)
+    proposed_by: str = Field(max_length=100)
+    proposed_at: datetime = _ts()
+    decided_by: str | None = Field(default=None, max_length=100)
+    decided_at: datetime | None = _ts(nullable=True)
+    comment: str | None = Field(default=None, max_length=2000)
+
+
 class RegisteredModel(SQLModel, table=True):
     __tablename__ = "registered_model"
 

@@ -92,7 +92,7 @@ def create_token(
 ) -> str:
     """Create a token for a person or an outside service and return its secret; only its hash
     is kept. Reserved identities are refused: the platform issues those (`ensure_token`)."""
-    _check_name(name)
+    check_name(name)
     if is_reserved(name):
         raise InvalidInput(
             f"{name!r} is reserved for the platform's own services "
@@ -115,7 +115,7 @@ def ensure_token(session: Session, *, name: str, role: Role, secret: str, actor:
     The platform's way in: reserved names are allowed here. Returns True when it was added."""
     if not secret.startswith(PREFIX):
         raise InvalidInput(f"a token starts with {PREFIX!r}")
-    _check_name(name)
+    check_name(name)
     found = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
     if found is not None:
         if found.revoked_at is not None or found.name != name or found.role != role:
@@ -151,7 +151,7 @@ def _add(
     )
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if _NAME.fullmatch(name) is None:
         raise InvalidInput(
             f"token name {name!r} must be 1-100 letters, digits or . _ @ + -, "
@@ -194,6 +194,10 @@ def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:
         data={"count": len(active)},
     )
     return len(active)
+
+
+def is_live(token: ApiToken, now: datetime) -> bool:
+    return _status(token, now) == "active"
 
 
 def _status(token: ApiToken, now: datetime) -> str:

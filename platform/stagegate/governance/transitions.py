@@ -7,13 +7,13 @@ so a stage change, its approvals and their audit entries land together or not at
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlmodel import Session, col, or_, select
 
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied, TransitionRejected
-from stagegate.governance import alarms, audit, endpoints, evaluations, versions
+from stagegate.governance import alarms, audit, endpoints, evaluations, identities, versions
 from stagegate.governance.models import (
     OPEN_STATUSES,
     Approval,
@@ -119,8 +119,10 @@ def _queue_ahead(session: Session, t: Transition) -> tuple[gates.QueuedFacts, ..
         theirs = _approved_at(session, other)
         if theirs is None:
             continue
-        if other.status is TransitionStatus.approved or mine is None or (
-            (theirs, other.created_at) < (mine, t.created_at)
+        if (
+            other.status is TransitionStatus.approved
+            or mine is None
+            or ((theirs, other.created_at) < (mine, t.created_at))
         ):
             ahead.append(gates.QueuedFacts(other.version, other.id, theirs))
     return tuple(ahead)
@@ -135,6 +137,7 @@ def _context(
         if t.to_stage in EXCLUSIVE and t.to_stage is not Stage.production
         else None
     )
+    policy = get_policy(session, t.model_name)
     return gates.GateContext(
         from_stage=t.from_stage,
         to_stage=t.to_stage,
@@ -145,13 +148,14 @@ def _context(
             gates.ApprovalFacts(a.approver, a.role, a.decision == "approve", a.digest, a.created_at)
             for a in approvals_of(session, t.id)
         ],
-        policy=get_policy(session, t.model_name),
+        policy=policy,
         now=now,
         occupant=versions.facts(session, occupant) if occupant else None,
         reports=evaluations.facts(session, t.model_name, t.version),
         version_alarm=alarms.facts(session, t.model_name, t.version),
         champion_alarm=alarms.facts(session, t.model_name, champion.version) if champion else None,
         queue_ahead=_queue_ahead(session, t),
+        author=identities.author_facts(session, version, policy),
     )
 
 
@@ -262,18 +266,36 @@ def decide(
         )
     if principal.name == t.requested_by:
         raise PermissionDenied("the requester of a transition may not approve it")
-    if version.creator and principal.name == version.creator:
-        raise PermissionDenied("the author of a version may not approve its transitions")
-    rule = get_policy(session, t.model_name).approval_rule(t.from_stage, t.to_stage)
+    policy = get_policy(session, t.model_name)
+    author = identities.author_facts(session, version, policy)
+    if principal.name in {version.creator, author.identity}:
+        linked = (
+            f" (MLflow user {version.creator!r} is linked to {author.identity})"
+            if author.identity == principal.name and version.creator != principal.name
+            else ""
+        )
+        raise PermissionDenied(
+            f"{principal.name} is the author of {t.model_name} v{t.version}{linked}; "
+            "the author of a version may not approve its transitions"
+        )
+    rule = policy.approval_rule(t.from_stage, t.to_stage)
     if rule is None or principal.role not in rule.roles:
         allowed = "/".join(sorted(rule.roles)) if rule else "nobody"
         raise PermissionDenied(
             f"role {principal.role} cannot decide {t.from_stage}->{t.to_stage} (needs {allowed})"
         )
-    if session.exec(
+    unknown = author.warning()
+    if unknown and decision == "approve" and author.unmapped == "block":
+        raise PermissionDenied(
+            f"{unknown}, so separation of duties cannot be checked: the policy blocks "
+            "approvals until an admin links it (stagegate token link IDENTITY MLFLOW_USER) "
+            "or sets unmapped_author: warn"
+        )
+    earlier = session.exec(
         select(Approval).where(Approval.transition_id == t.id, Approval.approver == principal.name)
-    ).first():
-        raise ConflictError(f"{principal.name} already decided transition {t.id}")
+    ).first()
+    if earlier is not None:
+        raise ConflictError(_decided_before(earlier, policy.approval_ttl_days, now))
 
     session.add(
         Approval(
@@ -298,6 +320,8 @@ def decide(
             "version": t.version,
             "digest": version.digest,
             "comment": comment,
+            # Recorded where the policy lets an unmapped author's version through (warn).
+            **({"warning": unknown} if unknown else {}),
         },
     )
     if decision == "reject":
@@ -314,6 +338,19 @@ def decide(
         return t
     _evaluate(session, t, version, now, principal.name)
     return t
+
+
+def _decided_before(earlier: Approval, ttl_days: int, now: datetime) -> str:
+    """One decision per person per transition, expired or not: an approver who let their
+    approval lapse cannot renew it alone, nor count twice (docs/approvals-and-audit.md)."""
+    lapsed = earlier.created_at + timedelta(days=ttl_days)
+    if earlier.decision == "approve" and lapsed <= now:
+        return (
+            f"{earlier.approver} already approved transition {earlier.transition_id}; that "
+            f"approval expired at {lapsed:%Y-%m-%d %H:%M} UTC and its approver cannot renew "
+            "it: another approver must approve, or the move is requested again"
+        )
+    return f"{earlier.approver} already decided transition {earlier.transition_id}"
 
 
 def reevaluate(session: Session, *, transition_id: str, now: datetime, actor: str) -> Transition:

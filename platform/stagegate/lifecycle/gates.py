@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import ClassVar
 
 from stagegate.experiments.tasks import compare_tasks
-from stagegate.lifecycle.policy import Policy
+from stagegate.lifecycle.policy import Policy, UnmappedAuthor
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
 
@@ -71,6 +71,24 @@ class QueuedFacts:
     approved_at: datetime
 
 
+@dataclass(frozen=True)
+class AuthorFacts:
+    """The version's author as Stagegate knows them: the MLflow user name recorded at intake,
+    the identity an admin linked to it (None: none is), and what the policy does then."""
+
+    mlflow_user: str | None
+    identity: str | None
+    unmapped: UnmappedAuthor  # resolved: the policy's value, else the mode's default
+
+    def warning(self) -> str | None:
+        """Why the author is unknown to Stagegate, or None when an identity is linked."""
+        if self.identity is not None:
+            return None
+        if self.mlflow_user is None:
+            return "the version records no MLflow author"
+        return f"the author, MLflow user {self.mlflow_user!r}, is linked to no identity"
+
+
 SERVICE_NAME = "stagegate"  # the platform's own identity; reserved, no person can hold it
 
 
@@ -92,6 +110,9 @@ class GateContext:
     champion_alarm: AlarmFacts | None = None
     # Versions queued for the same (exclusive, non-production) target stage ahead of this one.
     queue_ahead: tuple[QueuedFacts, ...] = ()
+    # The author mapped through the identity links. None (tests of other gates): only the
+    # raw MLflow name in `version.author` is compared; governance always fills it in.
+    author: AuthorFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +146,10 @@ def counting_approvers(ctx: GateContext) -> list[str]:
     if rule is None:
         return []
     oldest = ctx.now - timedelta(days=ctx.policy.approval_ttl_days)
+    # The requester, the MLflow name and the identity linked to it: none of them counts.
     conflicted = {ctx.requested_by, ctx.version.author}
+    if ctx.author is not None and ctx.author.identity is not None:
+        conflicted.add(ctx.author.identity)
     return sorted(
         {
             a.approver
@@ -186,10 +210,16 @@ class ApprovalsGate(Gate):
         if experiment_rollback_alone(ctx):
             breached = ", ".join(ctx.reports["experiment"].breached)
             return self.ok(f"guardrail rollback applies alone by policy ({breached} breached)")
+        unknown = ctx.author.warning() if ctx.author is not None else None
+        if unknown and rule.required > 0 and ctx.author and ctx.author.unmapped == "block":
+            # Separation of duties cannot be checked against an unknown author: no approval
+            # counts until an admin links the name (or the policy says warn).
+            return self.hold(f"{unknown}; the policy blocks approvals (unmapped_author: block)")
         have = counting_approvers(ctx)
         roles = "/".join(sorted(rule.roles))
         if len(have) >= rule.required:
-            return self.ok(f"{len(have)} of {rule.required} approvals ({roles})")
+            warned = f"; warning: {unknown}" if unknown and rule.required > 0 else ""
+            return self.ok(f"{len(have)} of {rule.required} approvals ({roles}){warned}")
         return self.hold(
             f"{len(have)} of {rule.required} approvals from {roles} "
             f"(fresh, for digest {str(ctx.version.digest)[:12]})"

@@ -87,6 +87,7 @@ class CanaryCriteria(BaseModel):
 NumericalTest = Literal["auto", "wasserstein", "ks", "jensenshannon"]
 CategoricalTest = Literal["auto", "jensenshannon", "chisquare", "z"]
 ColumnKind = Literal["numerical", "categorical"]
+UnmappedAuthor = Literal["block", "warn"]
 
 
 class DriftActions(BaseModel):
@@ -462,6 +463,12 @@ class Policy(BaseModel):
         default=None,
         description="Run the canary as an A/B experiment; its decision replaces the canary "
         "report at the canary->production gate.",
+    )
+    unmapped_author: UnmappedAuthor | None = Field(
+        default=None,
+        description="When a version's MLflow author is linked to no identity: 'block' refuses "
+        "approvals (until an admin links the name), 'warn' counts them and records a warning. "
+        "None: 'block' in prod mode, 'warn' in dev mode.",
     )
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse
 
 from stagegate.api import present, schemas
-from stagegate.api.deps import Admin, SessionDep, Viewer
+from stagegate.api.deps import Admin, SessionDep, StateDep, Viewer
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT, Instant
 from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
 from stagegate.governance import endpoints, evaluations, lineage, policies, versions
+from stagegate.governance.models import PolicyChangeStatus
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
 from stagegate.serving.policy import TrafficPolicy
@@ -195,11 +197,32 @@ def get_policy(session: SessionDep, _: Viewer, name: ModelName) -> Policy:
     return policies.get_policy(session, name)
 
 
-@router.put("/{name}/policy", responses=responses(401, 403, 404, 409, 413, 422, 503))
-def put_policy(session: SessionDep, admin: Admin, name: ModelName, body: Policy) -> Policy:
-    """Replace the model's gate policy (admin). Applies to decisions taken from now on."""
+_PENDING: dict[int | str, dict[str, Any]] = {
+    202: {
+        "model": schemas.PolicyChangePublic,
+        "description": "The change weakens the policy and waits for a second admin: approve "
+        "it at POST /api/v1/policy-changes/{id}/approvals.",
+    }
+}
+
+
+@router.put(
+    "/{name}/policy",
+    response_model=Policy,
+    responses={**_PENDING, **responses(401, 403, 404, 409, 413, 422, 503)},
+)
+def put_policy(
+    session: SessionDep, state: StateDep, admin: Admin, name: ModelName, body: Policy
+) -> Policy | JSONResponse:
+    """Replace the model's gate policy (admin). Applies to decisions taken from now on; a
+    change that weakens it answers 202 and waits for a second admin (four eyes)."""
     if name != policies.DEFAULT_KEY:
         versions.get_model(session, name)
-    policies.set_policy(session, name, body, actor=admin.name)
+    change = policies.change_policy(
+        session, name, body, actor=admin.name, floor=state.settings.governance.min_approvals
+    )
     session.commit()
+    if change.status is PolicyChangeStatus.pending:
+        pending = present.policy_change(change)
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
     return body
