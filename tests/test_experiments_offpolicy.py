@@ -157,7 +157,7 @@ def test_bootstrap_interval_is_the_percentile_of_resampled_estimates(logged: Ban
     r, p, _, _, target = logged.row(0)
     n = r.shape[0]
     estimate = snips(r, p, target, interval="bootstrap", n_bootstrap=400, seed=5)
-    index = np.random.default_rng(5).integers(0, n, size=(400, n))
+    index = np.random.default_rng(5).integers(0, n, size=(400, n), dtype=np.int32)
     w = target / p
     replicates = (w * r)[index].sum(axis=1) / w[index].sum(axis=1)
     expected = np.quantile(replicates, [0.025, 0.975])
