@@ -421,6 +421,10 @@ def test_doubly_robust_rejects_bad_shapes_and_distributions() -> None:
         doubly_robust(r, p, [0.5, 1], dist, q)
     with pytest.raises(ValueError, match="sum to 1"):
         doubly_robust(r, p, a, np.full((2, 2), 0.4), q)
+    with pytest.raises(ValueError, match="action_dist must be finite"):
+        doubly_robust(r, p, a, np.array([[np.nan, 0.5], [0.5, 0.5]]), q)
+    with pytest.raises(ValueError, match=r"action_dist must lie in \[0, 1\]"):
+        doubly_robust(r, p, a, np.array([[1.5, -0.5], [0.5, 0.5]]), q)
     with pytest.raises(ValueError, match="q_hat has 3 actions"):
         doubly_robust(r, p, a, dist, np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"action_dist must have shape \(n, n_actions\)"):
