@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stagegate.lifecycle.serving_spec import ServingSpec
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
 
@@ -265,6 +266,10 @@ class Policy(BaseModel):
     shadow: ShadowCriteria = Field(default_factory=ShadowCriteria)
     canary: CanaryCriteria = Field(default_factory=CanaryCriteria)
     drift: DriftCriteria = Field(default_factory=DriftCriteria)
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec,
+        description="How versions run on Kubernetes (docs/kubernetes.md).",
+    )
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:
         return next((r for r in self.approvals if r.covers(from_stage, to_stage)), None)
