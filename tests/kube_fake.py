@@ -60,14 +60,18 @@ class FakeKube:
 
     def race(self, ref: Ref, times: int = 1) -> None:
         """Another writer changes the object between our read and our next `times` writes."""
-        key = _key_of_ref(ref)
 
         def meddle() -> None:
-            obj = self.objects[key]
+            obj = self.objects[_key_of_ref(ref)]
             obj["metadata"].setdefault("annotations", {})["other-writer/touched"] = "yes"
             obj["metadata"]["resourceVersion"] = str(next(self._versions))
 
-        self._before_write.setdefault(key, []).extend([meddle] * times)
+        for _ in range(times):
+            self.before_next_write(ref, meddle)
+
+    def before_next_write(self, ref: Ref, action: Callable[[], None]) -> None:
+        """Run `action` just before the next write to `ref` (after the client's read)."""
+        self._before_write.setdefault(_key_of_ref(ref), []).append(action)
 
     def put(self, manifest: Manifest) -> Manifest:
         """Store an object as someone else (kubectl, another tool) would: no checks."""

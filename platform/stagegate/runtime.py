@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -58,18 +59,24 @@ def serving_backend(settings: Settings, engine: Engine) -> ServingBackend:
     from stagegate.serving.backends.kubernetes.live import connect
 
     kube = settings.kubernetes
-
-    def spec_for(model: str) -> ServingSpec:  # read at each deploy: a policy edit applies
-        with transaction(engine, read_only=True) as session:
-            return policies.get_policy(session, model).serving
-
     return KubernetesBackend(
         connect(kube.kubeconfig, kube.context),
         kube_cluster(settings),
-        spec_for,
+        serving_specs(engine),
         poll_s=kube.poll_s,
         rollout_timeout_s=kube.rollout_timeout_s,
     )
+
+
+def serving_specs(engine: Engine) -> Callable[[str], ServingSpec]:
+    """Each model's `Policy.serving`, read at each deploy, so a policy edit takes effect at
+    the next converge."""
+
+    def spec_for(model: str) -> ServingSpec:
+        with transaction(engine, read_only=True) as session:
+            return policies.get_policy(session, model).serving
+
+    return spec_for
 
 
 def kube_cluster(settings: Settings) -> Cluster:

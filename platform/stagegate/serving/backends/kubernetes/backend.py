@@ -290,7 +290,7 @@ def _equality(labels: dict[str, str]) -> str:
 
 def _translate(exc: KubeError, what: str) -> Exception:
     """Sort API failures into the platform's errors: what may pass is retryable."""
-    text = f"Kubernetes refused to {what}: {exc.message}"
+    text = f"Kubernetes refused to {what} ({exc.status}): {exc.message}"
     if exc.status in (0, 408, 429) or exc.status >= 500:
         return RetryableError(text)
     if exc.status == 409:
