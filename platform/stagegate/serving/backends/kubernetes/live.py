@@ -17,6 +17,7 @@ from kubernetes.dynamic import DynamicClient as _DynamicClient
 from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError, ResourceNotFoundError
 from urllib3.exceptions import HTTPError
 
+from stagegate.errors import PermanentError
 from stagegate.serving.backends.kubernetes.client import KubeError, Manifest, Ref
 
 T = TypeVar("T")
@@ -29,11 +30,19 @@ class LiveClient:
     """Server-side apply with `force`, optimistic deletes, equality label selectors."""
 
     def __init__(self, api: ApiClient) -> None:
-        self._dynamic: Any = DynamicClient(api)
+        self._api = api
+        self._client: Any = None
+
+    def _dynamic(self) -> Any:
+        # Made on first use: making it asks the server for its version, and a process that
+        # builds its runtime while the cluster is away should fail at the call, retryably.
+        if self._client is None:
+            self._client = _call(lambda: DynamicClient(self._api))
+        return self._client
 
     def _resource(self, api_version: str, kind: str) -> Any:
         try:  # discovery: the first call per kind asks the server which kinds it serves
-            return _call(lambda: self._dynamic.resources.get(api_version=api_version, kind=kind))
+            return _call(lambda: self._dynamic().resources.get(api_version=api_version, kind=kind))
         except ResourceNotFoundError as exc:
             raise KubeError(400, f"the API server does not serve {api_version} {kind}") from exc
 
@@ -88,7 +97,8 @@ class LiveClient:
 
 
 def connect(kubeconfig: Path | None = None, context: str | None = None) -> LiveClient:
-    """In a pod: the service account's in-cluster config. Elsewhere: the kubeconfig."""
+    """In a pod: the service account's in-cluster config. Elsewhere: the kubeconfig. No
+    configuration at all is a PermanentError; no server is noticed at the first call."""
     try:
         if kubeconfig is None and context is None:
             try:
@@ -100,7 +110,7 @@ def connect(kubeconfig: Path | None = None, context: str | None = None) -> LiveC
                 config_file=str(kubeconfig) if kubeconfig else None, context=context
             )
     except kube_config.ConfigException as exc:
-        raise KubeError(0, f"no Kubernetes configuration: {exc}") from exc
+        raise PermanentError(f"no Kubernetes configuration: {exc}") from exc
     return LiveClient(ApiClient())
 
 
