@@ -10,14 +10,22 @@ tests choose whether its pods become ready, when, or why they do not.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import json
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
+import jsonschema
 import kubernetes_validate.utils as kv
+import yaml
+from referencing import Registry, Resource
 
 from stagegate.serving.backends.kubernetes.client import KubeError, Manifest, Ref
 
@@ -268,17 +276,29 @@ def _parse_selector(selector: str) -> dict[str, str]:
     return out
 
 
+@functools.cache
+def _validator(api_version: str, kind: str) -> Any:
+    """kubernetes-validate's strict schema for the kind, loaded once: its `validate` re-reads
+    1.2 MB of definitions per call, which every apply here would pay."""
+    schema_dir = f"kubernetes-json-schema/v{SCHEMA_VERSION}-local-strict"
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    path = f"{schema_dir}/{kind.lower()}-{group_version}.json"
+    schema = kv.schema_contents(path, SCHEMA_VERSION)
+    definitions = kv.schema_contents(f"{schema_dir}/_definitions.json", SCHEMA_VERSION)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
 def _check(obj: Manifest) -> None:
     """What the API server refuses with 422: schema (strict: no unknown fields), names and
     label values."""
     try:
-        kv.validate(obj, SCHEMA_VERSION, strict=True)
-    except kv.ValidationError as exc:
-        raise KubeError(422, f"{obj['kind']} is invalid: {exc.message}") from exc
-    except kv.SchemaNotFoundError as exc:
-        raise KubeError(
-            404, f"the server does not serve {obj['apiVersion']} {obj['kind']}"
-        ) from exc
+        validator = _validator(obj["apiVersion"], obj["kind"])
+    except FileNotFoundError as exc:
+        raise KubeError(404, f"the server does not serve {obj['kind']}") from exc
+    error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+    if error is not None:
+        raise KubeError(422, f"{obj['kind']} is invalid: {error.message}")
     meta = obj["metadata"]
     if len(meta["name"]) > 63 or not _DNS_1123_LABEL.match(meta["name"]):
         raise KubeError(422, f"metadata.name: Invalid value: {meta['name']!r}")
@@ -322,3 +342,158 @@ def _same(live: Manifest, body: Manifest) -> bool:
     return live.get("spec") == body.get("spec") and strip(live["metadata"]) == strip(
         body["metadata"]
     )
+
+
+# -- the same fake on the wire: what `live.py` sends, answered as an API server would -----------
+
+_KINDS: dict[tuple[str, str], list[tuple[str, str]]] = {  # (group, version) -> (plural, kind)
+    ("", "v1"): [("services", "Service"), ("pods", "Pod")],
+    ("apps", "v1"): [("deployments", "Deployment")],
+    ("autoscaling", "v2"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler")],
+    ("policy", "v1"): [("poddisruptionbudgets", "PodDisruptionBudget")],
+}
+_OBJECT_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class WireCall:
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str | None
+    body: Any
+
+
+def _resource_list(group: str, version: str) -> dict[str, Any]:
+    return {
+        "kind": "APIResourceList",
+        "groupVersion": f"{group}/{version}" if group else version,
+        "resources": [
+            {
+                "name": plural,
+                "singularName": kind.lower(),
+                "namespaced": True,
+                "kind": kind,
+                "verbs": ["create", "delete", "get", "list", "patch", "update"],
+            }
+            for plural, kind in _KINDS[(group, version)]
+        ],
+    }
+
+
+def _groups() -> dict[str, Any]:
+    groups = []
+    for group, version in _KINDS:
+        if group:
+            gv = {"groupVersion": f"{group}/{version}", "version": version}
+            groups.append({"name": group, "versions": [gv], "preferredVersion": gv})
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+
+
+class WireServer:
+    """`FakeKube` behind HTTP, on a free loopback port, in a thread (no process)."""
+
+    def __init__(self, fake: FakeKube) -> None:
+        self.fake = fake
+        self.calls: list[WireCall] = []
+        handler = _handler(self)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> WireServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def answer(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
+        """The JSON answer; KubeError for a failure status."""
+        if method == "GET":
+            found = _discovery(path)
+            if found is not None:
+                return found
+        return self._object(method, path, query, body)
+
+    def _object(self, method: str, path: str, query: dict[str, str], body: Any) -> Any:
+        match = _OBJECT_PATH.match(path)
+        if match is None:
+            raise KubeError(404, f"no route {method} {path}")
+        group, version = (match["group"] or "", match["version"] or match["core"])
+        kind = dict(_KINDS[(group, version)])[match["plural"]]
+        api_version = f"{group}/{version}" if group else version
+        if match["name"] is None and method == "GET":
+            items = self.fake.list(api_version, kind, match["ns"], query.get("labelSelector", ""))
+            return {"kind": f"{kind}List", "apiVersion": api_version, "items": items}
+        ref = Ref(api_version, kind, match["ns"], match["name"])
+        if method == "GET":
+            found = self.fake.get(ref)
+            if found is None:
+                raise KubeError(404, f'{match["plural"]} "{ref.name}" not found')
+            return found
+        if method == "PATCH":
+            return self.fake.apply(body, field_manager=query["fieldManager"])
+        if method == "DELETE":
+            wanted = ((body or {}).get("preconditions") or {}).get("resourceVersion")
+            if not self.fake.delete(ref, resource_version=wanted):
+                raise KubeError(404, f'{match["plural"]} "{ref.name}" not found')
+            return {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        raise KubeError(405, f"{method} not allowed")
+
+
+def _discovery(path: str) -> dict[str, Any] | None:
+    """What the dynamic client asks before its first call per kind."""
+    parts = path.strip("/").split("/")
+    if path == "/version":
+        return {"major": "1", "minor": "30", "gitVersion": "v1.30.0"}
+    if path == "/apis":
+        return _groups()
+    if path == "/api":
+        return {"kind": "APIVersions", "versions": ["v1"]}
+    if parts[0] == "api" and len(parts) == 2:
+        return _resource_list("", parts[1])
+    if parts[0] == "apis" and len(parts) == 3:
+        return _resource_list(parts[1], parts[2])
+    return None
+
+
+def _handler(wire: WireServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            url = urlsplit(self.path)
+            query = dict(parse_qsl(url.query))
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = yaml.safe_load(raw) if raw else None  # apply patches are YAML (JSON is YAML)
+            content_type = self.headers.get("Content-Type")
+            wire.calls.append(WireCall(self.command, url.path, query, content_type, body))
+            try:
+                status, answer = 200, wire.answer(self.command, url.path, query, body)
+            except KubeError as exc:
+                status = exc.status
+                answer = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "message": exc.message,
+                    "code": exc.status,
+                }
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PATCH = do_DELETE = _serve
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    return Handler

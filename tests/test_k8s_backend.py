@@ -7,10 +7,13 @@ resourceVersion, 409/404/422, defaults, and a scripted Deployment controller.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiClient, Configuration
 from sqlalchemy.engine import Engine
 
 from stagegate import runtime
@@ -29,13 +32,14 @@ from stagegate.serving.backends.kubernetes import (
     builders,
 )
 from stagegate.serving.backends.kubernetes.backend import CONFLICT_ATTEMPTS
+from stagegate.serving.backends.kubernetes.live import LiveClient
 from stagegate.serving.backends.protocol import ServedVersion, ServingBackend
 from stagegate.steps.converge import DataPlane
 from stagegate.steps.reconcile import reconcile
 from stagegate.steps.retry import only_retryable
 from tests.factories import Factory
 from tests.fakes import FakeRegistry
-from tests.kube_fake import FakeKube, Rollout
+from tests.kube_fake import FakeKube, Rollout, WireServer
 
 NS = "stagegate"
 TIMEOUT_S = 60.0
@@ -436,3 +440,100 @@ def test_remove_rechecks_ownership_after_a_conflict(world: World) -> None:
     world.backend.remove("fraud", 3)
     assert world.kube.get(ref) is not None  # Helm's now
     assert world.backend.observe("fraud", 3) is None
+
+
+# -- the live client, on the wire ------------------------------------------------------------
+# `live.py` is never run against a real API server here; these run it over HTTP against the
+# same fake, to pin down what it sends: server-side apply, field manager, force, the
+# resourceVersion precondition, label selectors, and how answers become errors.
+
+
+@pytest.fixture
+def wire(tmp_path: Path) -> Iterator[tuple[WireServer, LiveClient]]:
+    with WireServer(FakeKube()) as server:
+        api = ApiClient(Configuration(host=server.url))
+        yield server, LiveClient(api, discovery_cache=tmp_path / "discovery.json")
+
+
+def live_backend(client: LiveClient, clock: Clock, spec: ServingSpec) -> KubernetesBackend:
+    return KubernetesBackend(
+        client,
+        Cluster(namespace=NS),
+        lambda _: spec,
+        rollout_timeout_s=TIMEOUT_S,
+        clock=clock.time,
+        sleep=clock.sleep,
+    )
+
+
+def test_the_live_client_applies_server_side_with_our_field_manager(
+    wire: tuple[WireServer, LiveClient],
+) -> None:
+    server, client = wire
+    backend = live_backend(client, Clock(), GPU)
+    state = backend.deploy(served())
+    assert state.healthy
+    patches = [c for c in server.calls if c.method == "PATCH"]
+    assert {c.path for c in patches} == {
+        f"/api/v1/namespaces/{NS}/services/fraud-v3",
+        f"/apis/apps/v1/namespaces/{NS}/deployments/fraud-v3",
+        f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/fraud-v3",
+    }
+    for call in patches:
+        assert call.content_type == "application/apply-patch+yaml"
+        assert call.query == {"fieldManager": "stagegate", "force": "true"}
+        assert "resourceVersion" not in call.body["metadata"]  # a create is unconditional
+    stored = server.fake.objects[("apps/v1", "Deployment", NS, "fraud-v3")]
+    limits = stored["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+    # Again: reads only. Then a change: one conditional patch.
+    before = len(server.calls)
+    backend.deploy(served())
+    assert all(c.method == "GET" for c in server.calls[before:])
+    live_backend(client, Clock(), ServingSpec(replicas=2)).deploy(served())
+    patched = [c for c in server.calls[before:] if c.method == "PATCH"]
+    assert [c.path.rsplit("/", 2)[1] for c in patched] == ["deployments"]
+    assert patched[0].body["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
+
+
+def test_the_live_client_maps_answers_to_errors(wire: tuple[WireServer, LiveClient]) -> None:
+    server, client = wire
+    assert client.get(Ref("apps/v1", "Deployment", NS, "nothing")) is None  # 404
+    assert client.delete(Ref("v1", "Service", NS, "nothing")) is False
+    bad = live_backend(client, Clock(), ServingSpec(affinity={"nodeAffinity": {"x": 1}}))
+    with pytest.raises(PermanentError, match=r"\(422\): Deployment is invalid"):
+        bad.deploy(served())
+    backend = live_backend(client, Clock(), ServingSpec())
+    backend.deploy(served())
+    server.fake.race(deployment_ref())
+    live_backend(client, Clock(), ServingSpec(replicas=3)).deploy(served())
+    assert server.fake.conflicts_answered == 1  # a 409 on the wire, retried
+    assert server.fake.objects[("apps/v1", "Deployment", NS, "fraud-v3")]["spec"]["replicas"] == 3
+
+
+def test_the_live_client_removes_by_label_with_preconditions(
+    wire: tuple[WireServer, LiveClient],
+) -> None:
+    server, client = wire
+    backend = live_backend(client, Clock(), ServingSpec())
+    backend.deploy(served())
+    assert [(s.model, s.version) for s in backend.list()] == [("fraud", 3)]
+    assert backend.remove("fraud", 3) is True
+    lists = [c for c in server.calls if c.method == "GET" and "labelSelector" in c.query]
+    assert all("app.kubernetes.io/managed-by=stagegate" in c.query["labelSelector"] for c in lists)
+    deletes = [c for c in server.calls if c.method == "DELETE"]
+    assert len(deletes) == 3
+    for call in deletes:
+        assert call.body["propagationPolicy"] == "Background"
+        assert call.body["preconditions"]["resourceVersion"]
+    assert backend.observe("fraud", 3) is None
+
+
+def test_an_unreachable_api_server_is_retryable(tmp_path: Path) -> None:
+    with WireServer(FakeKube()) as server:
+        url = server.url  # closed on leaving: nothing listens there any more
+    api = ApiClient(Configuration(host=url))
+    client = LiveClient(api, discovery_cache=tmp_path / "discovery.json")
+    with pytest.raises(RetryableError, match="no answer"):
+        live_backend(client, Clock(), ServingSpec()).observe("fraud", 3)

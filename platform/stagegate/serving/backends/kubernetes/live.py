@@ -29,15 +29,17 @@ DynamicClient: Any = _DynamicClient
 class LiveClient:
     """Server-side apply with `force`, optimistic deletes, equality label selectors."""
 
-    def __init__(self, api: ApiClient) -> None:
+    def __init__(self, api: ApiClient, *, discovery_cache: Path | None = None) -> None:
         self._api = api
+        self._cache = discovery_cache  # None: the client's file in the temp folder
         self._client: Any = None
 
     def _dynamic(self) -> Any:
         # Made on first use: making it asks the server for its version, and a process that
         # builds its runtime while the cluster is away should fail at the call, retryably.
         if self._client is None:
-            self._client = _call(lambda: DynamicClient(self._api))
+            cache = str(self._cache) if self._cache else None
+            self._client = _call(lambda: DynamicClient(self._api, cache_file=cache))
         return self._client
 
     def _resource(self, api_version: str, kind: str) -> Any:
