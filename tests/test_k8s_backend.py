@@ -149,7 +149,7 @@ def test_a_second_deploy_writes_nothing(world: World) -> None:
 def test_a_changed_spec_patches_only_what_changed(world: World) -> None:
     world.backend.deploy(served())
     before = world.objects("fraud-v3")
-    world.specs["fraud"] = ServingSpec(replicas=2, resources={"memory": "3Gi"})
+    world.specs["fraud"] = ServingSpec(replicas=2, resources={"memory": "1536Mi"})
     world.backend.deploy(served(digest="b" * 64))
     after = world.objects("fraud-v3")
     deployment = after["Deployment"]

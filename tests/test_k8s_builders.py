@@ -25,7 +25,7 @@ from stagegate.errors import InvalidInput
 from stagegate.governance import endpoints, policies
 from stagegate.lifecycle.endpoint import EndpointSpec
 from stagegate.lifecycle.policy import Policy, default_policy
-from stagegate.lifecycle.serving_spec import ServingSpec
+from stagegate.lifecycle.serving_spec import ServingSpec, quantity_value
 from stagegate.lifecycle.stages import DeploymentRole, Stage
 from stagegate.serving.backends.kubernetes import builders, names
 from stagegate.serving.backends.kubernetes.builders import Cluster, Gateway
@@ -302,11 +302,22 @@ def test_the_service_url_is_the_cluster_dns_name() -> None:
         {"gpu_resource": "gpu"},
         {"gpus": -1},
         {"image": "two words"},
+        {"replicas": 0},
+        {"resources": {"memory": "8Gi"}},  # above the default 2Gi limit
+        {"resources": {"cpu": "1500m", "cpu_limit": "1"}},
     ],
 )
 def test_a_bad_serving_spec_is_refused_when_the_policy_is_written(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         ServingSpec.model_validate(bad)
+
+
+def test_requests_up_to_their_limits_are_accepted() -> None:
+    spec = ServingSpec(resources={"cpu": "1500m", "cpu_limit": "2", "memory": "2Gi"})
+    assert spec.resources.memory_limit == "2Gi"
+    assert quantity_value("1500m") == 1.5
+    assert quantity_value("2Gi") == 2 * 1024**3
+    assert quantity_value("1e3") == quantity_value("1k") == 1000
 
 
 def test_policies_carry_a_serving_spec_and_old_ones_still_load() -> None:

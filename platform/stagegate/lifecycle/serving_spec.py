@@ -34,6 +34,23 @@ def is_label_value(value: str) -> bool:
     return len(value) <= 63 and bool(_LABEL_VALUE.match(value))
 
 
+_SUFFIX = {
+    "m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity_value(value: str) -> float:
+    """A quantity as a number (`500m` -> 0.5, `1Gi` -> 1073741824), to compare two."""
+    match = _QUANTITY.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    number, suffix = float(match[1]), match[3] or ""
+    if suffix.startswith("e"):
+        return number * 10.0 ** int(suffix[1:])
+    return number * _SUFFIX[suffix]
+
+
 def _quantity(value: str | None) -> str | None:
     if value is not None and not _QUANTITY.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
@@ -56,6 +73,17 @@ class Resources(BaseModel):
     @classmethod
     def _is_quantity(cls, value: str | None) -> str | None:
         return _quantity(value)
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Resources:
+        # The API server refuses a request above its limit (422); say so when it is written.
+        for name, request, limit in (
+            ("cpu", self.cpu, self.cpu_limit),
+            ("memory", self.memory, self.memory_limit),
+        ):
+            if limit is not None and quantity_value(request) > quantity_value(limit):
+                raise ValueError(f"the {name} request {request} is above its limit {limit}")
+        return self
 
 
 class Toleration(BaseModel):
@@ -116,7 +144,7 @@ class ServingSpec(BaseModel):
         "cluster default (STAGEGATE_KUBERNETES__IMAGE). Pin by digest in production.",
     )
     replicas: int = Field(
-        default=1, ge=0, le=1000, description="Pods per version (ignored with autoscaling)."
+        default=1, ge=1, le=1000, description="Pods per version (ignored with autoscaling)."
     )
     autoscaling: Autoscaling | None = Field(
         default=None, description="Scale on CPU between the bounds instead of fixed replicas."
@@ -201,6 +229,6 @@ class ServingSpec(BaseModel):
     @model_validator(mode="after")
     def _hpa_needs_cpu_request(self) -> ServingSpec:
         # An HPA on CPU utilisation divides by the request; "0" would never scale.
-        if self.autoscaling is not None and re.fullmatch(r"[+]?0*(\.0*)?m?", self.resources.cpu):
+        if self.autoscaling is not None and quantity_value(self.resources.cpu) == 0:
             raise ValueError("autoscaling needs a non-zero resources.cpu request")
         return self
