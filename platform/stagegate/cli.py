@@ -592,10 +592,6 @@ def db_upgrade() -> None:
     console.print("database at head")
 
 
-if __name__ == "__main__":
-    app()
-
-
 # -- k8s: the Kubernetes backend's manifests, for GitOps -------------------------------------
 
 
@@ -665,3 +661,7 @@ def k8s_render(
     except StagegateError as exc:
         raise _fail(exc.detail) from None
     typer.echo(to_yaml(docs), nl=False)
+
+
+if __name__ == "__main__":
+    app()
