@@ -24,10 +24,12 @@ token_app = typer.Typer(no_args_is_help=True, help="API tokens.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 db_app = typer.Typer(no_args_is_help=True, help="The governance database.")
 drift_app = typer.Typer(no_args_is_help=True, help="The drift monitor.")
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests (docs/kubernetes.md).")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(drift_app, name="drift")
+app.add_typer(k8s_app, name="k8s")
 
 console = Console()
 err = Console(stderr=True)
@@ -627,6 +629,77 @@ def db_upgrade() -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     console.print("database at head")
+
+
+# -- k8s: the Kubernetes backend's manifests, for GitOps -------------------------------------
+
+
+@k8s_app.command("render")
+def k8s_render(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[
+        int | None,
+        typer.Argument(help="Version to render (default: every version the endpoint serves)."),
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(help="champion, challenger or shadow (default: the version's role now)."),
+    ] = None,
+    traffic: Annotated[
+        str | None,
+        typer.Option(help="`gateway-api`: add an HTTPRoute with the endpoint's split."),
+    ] = None,
+    gateway: Annotated[str, typer.Option(help="The Gateway the HTTPRoute attaches to.")] = (
+        "stagegate"
+    ),
+    gateway_namespace: Annotated[
+        str | None, typer.Option(help="The Gateway's namespace (default: the route's).")
+    ] = None,
+) -> None:
+    """Print the manifests the Kubernetes backend would apply, as multi-document YAML."""
+    from stagegate.db import make_engine, transaction
+    from stagegate.governance import endpoints, policies, versions
+    from stagegate.lifecycle.stages import DeploymentRole
+    from stagegate.runtime import kube_cluster
+    from stagegate.serving.backends.kubernetes import Gateway
+    from stagegate.serving.backends.kubernetes.render import endpoint_documents, to_yaml
+
+    if traffic not in (None, "gateway-api"):
+        raise _fail(f"unknown --traffic {traffic!r}; the one choice is gateway-api")
+    try:
+        chosen_role = DeploymentRole(role) if role is not None else None
+    except ValueError:
+        raise _fail(f"unknown role {role!r}; one of champion, challenger, shadow") from None
+    settings = get_settings()
+    engine = make_engine(settings.database_url)
+    with transaction(engine, read_only=True) as session:
+        spec = policies.get_policy(session, model).serving
+        endpoint = endpoints.find_endpoint(session, model)
+        row = versions.find_version(session, model, version) if version is not None else None
+        recorded = row.digest if row is not None else None
+    roles = {v: r for r, v in endpoint.spec.arms.items()} if endpoint else {}
+    digests = endpoint.spec.digests if endpoint else {}
+    if version is not None:
+        if row is None:
+            raise _fail(f"model {model!r} has no version {version}")
+        plays = chosen_role or roles.get(version)
+        if plays is None:
+            raise _fail(f"{model} v{version} plays no role on its endpoint; pass --role")
+        wanted = {version: (plays, digests.get(version, recorded))}
+    else:
+        wanted = {v: (r, digests.get(v)) for v, r in roles.items()}
+        if not wanted:
+            raise _fail(f"{model} serves no version; name one and pass --role")
+    route = None
+    if traffic == "gateway-api":
+        if endpoint is None:
+            raise _fail(f"{model} has no endpoint to route")
+        route = (endpoint.spec, Gateway(gateway, gateway_namespace))
+    try:
+        docs = endpoint_documents(model, wanted, spec, kube_cluster(settings), route=route)
+    except StagegateError as exc:
+        raise _fail(exc.detail) from None
+    typer.echo(to_yaml(docs), nl=False)
 
 
 if __name__ == "__main__":

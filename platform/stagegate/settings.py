@@ -116,6 +116,11 @@ class ServingSettings(BaseModel):
     device: str = Field(
         default="auto", description="Device for model servers: auto, cpu or cuda[:N]."
     )
+    backend: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="Where model servers run: local processes, or Kubernetes (the "
+        "`kubernetes` settings; docs/kubernetes.md).",
+    )
 
     @property
     def router_url(self) -> str:
@@ -160,6 +165,51 @@ class ReferenceSettings(BaseModel):
     )
 
 
+class KubernetesSettings(BaseModel):
+    """The Kubernetes serving backend (STAGEGATE_SERVING__BACKEND=kubernetes)."""
+
+    namespace: str = Field(
+        default="stagegate",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Namespace of the model servers; Stagegate needs create, patch, get, "
+        "list and delete there (docs/kubernetes.md lists the Role).",
+    )
+    image: str = Field(
+        default="stagegate:latest",
+        description="Model-server image when a model's policy names none; pin it by digest "
+        "in production.",
+    )
+    tracking_secret: str = Field(
+        default="stagegate-mlflow",
+        description="Secret holding the MLflow tracking URI the model servers download from.",
+    )
+    tracking_secret_key: str = Field(
+        default="tracking-uri", description="Key of the tracking URI in that Secret."
+    )
+    cluster_domain: str = Field(
+        default="cluster.local", description="The cluster's DNS domain, for Service URLs."
+    )
+    service_account: str | None = Field(
+        default=None, description="Service account of the model-server pods; None: default."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling the model-server image."
+    )
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig file; None: the in-cluster service account, else ~/.kube/config.",
+    )
+    context: str | None = Field(default=None, description="kubeconfig context; None: current.")
+    rollout_timeout_s: float = Field(
+        default=300,
+        gt=0,
+        description="How long a deploy waits for the rollout before a retryable failure "
+        "that names the pods' reasons.",
+    )
+    poll_s: float = Field(default=2.0, gt=0, description="How often a rollout is re-read.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STAGEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -179,6 +229,7 @@ class Settings(BaseSettings):
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
 

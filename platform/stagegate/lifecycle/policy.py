@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stagegate.lifecycle.serving_spec import ServingSpec
 from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
 
 
@@ -469,6 +470,10 @@ class Policy(BaseModel):
         description="When a version's MLflow author is linked to no identity: 'block' refuses "
         "approvals (until an admin links the name), 'warn' counts them and records a warning. "
         "None: 'block' in prod mode, 'warn' in dev mode.",
+    )
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec,
+        description="How versions run on Kubernetes (docs/kubernetes.md).",
     )
 
     def approval_rule(self, from_stage: Stage, to_stage: Stage) -> ApprovalRule | None:

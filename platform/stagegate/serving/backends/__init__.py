@@ -1,1 +1,1 @@
-"""Where model servers run: local processes (`local.py`) or Kubernetes (a later milestone)."""
+"""Where model servers run: local processes (`local.py`) or Kubernetes (`kubernetes/`)."""
