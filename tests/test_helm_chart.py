@@ -30,6 +30,15 @@ HELM = Path(os.environ.get("STAGEGATE_HELM", ROOT / ".venv" / "bin" / "helm"))
 CI_FILES = sorted((CHART / "ci").glob("values-*.yaml"))
 KUBE_VERSIONS = ("1.30.0", "1.37.0")
 RELEASE, NAMESPACE = "sg", "stagegate"
+CREDENTIAL_ENV = {
+    "STAGEGATE_WEBHOOK__SECRET",
+    "STAGEGATE_ALERTS__SECRET",
+    "STAGEGATE_ROUTER_TOKEN",
+    "STAGEGATE_DB__URL",
+    "POSTGRES_PASSWORD",
+    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
+}
+WORKER_VERBS = {"get", "list", "create", "patch", "delete"}
 POD_KINDS = {"Deployment", "Job", "StatefulSet", "DaemonSet"}
 WORKER_RULES = {
     ("apps", "deployments"),
@@ -236,6 +245,8 @@ def test_worker_role_is_exactly_serving_objects_in_the_serving_namespace(values:
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
         granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
     assert granted == WORKER_RULES
+    # The verbs the backend uses: server-side apply (create, patch), get, list, delete.
+    assert all(set(rule["verbs"]) == WORKER_VERBS for rule in role["rules"])
     binding = one(objs, "RoleBinding", "-worker")
     assert binding["metadata"]["namespace"] == serving_ns
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -305,6 +316,9 @@ def test_existing_secrets_keep_credentials_out_of_the_output() -> None:
     values = ci_values("external-db")
     objs = template(ci("external-db"))
     assert not find(objs, "Secret")  # nothing rendered from values
+    (worker,) = one(objs, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"]
+    tracking = values["modelServer"]["existingTrackingSecret"]
+    assert env_of(worker)["STAGEGATE_KUBERNETES__TRACKING_SECRET"] == tracking
     assert not [
         o
         for o in objs
@@ -324,7 +338,7 @@ def test_existing_secrets_keep_credentials_out_of_the_output() -> None:
     for what, spec in pod_specs(objs):
         for c in spec.get("initContainers", []) + spec["containers"]:
             for name, value in env_of(c).items():
-                if re.search(r"(SECRET|TOKEN|PASSWORD|DB__URL)$", name):
+                if name in CREDENTIAL_ENV:
                     assert isinstance(value, dict), f"{what} {name} is a literal"
 
 
@@ -420,21 +434,34 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
     env = env_of(worker)
     assert env["STAGEGATE_SERVING__BACKEND"] == "kubernetes"
     assert env["STAGEGATE_SERVING__DEVICE"] == wanted["device"]
-    assert int(env["STAGEGATE_SERVING__KUBERNETES__GPUS"]) == wanted["gpus"] >= 1
-    assert json.loads(env["STAGEGATE_SERVING__KUBERNETES__NODE_SELECTOR"]) == wanted["nodeSelector"]
-    assert json.loads(env["STAGEGATE_SERVING__KUBERNETES__TOLERATIONS"]) == wanted["tolerations"]
-    assert json.loads(env["STAGEGATE_SERVING__KUBERNETES__RESOURCES"]) == wanted["resources"]
-    assert env["STAGEGATE_SERVING__KUBERNETES__IMAGE"].endswith(":" + wanted["image"]["tag"])
+    assert int(env["STAGEGATE_KUBERNETES__GPUS"]) == wanted["gpus"] >= 1
+    assert json.loads(env["STAGEGATE_KUBERNETES__NODE_SELECTOR"]) == wanted["nodeSelector"]
+    assert json.loads(env["STAGEGATE_KUBERNETES__TOLERATIONS"]) == wanted["tolerations"]
+    assert json.loads(env["STAGEGATE_KUBERNETES__RESOURCES"]) == wanted["resources"]
+    assert env["STAGEGATE_KUBERNETES__IMAGE"].endswith(":" + wanted["image"]["tag"])
     serving_ns = ci_values("gpu")["serving"]["namespace"]
-    assert env["STAGEGATE_SERVING__KUBERNETES__NAMESPACE"] == serving_ns
+    assert env["STAGEGATE_KUBERNETES__NAMESPACE"] == serving_ns
     assert one(objs, "Namespace")["metadata"]["name"] == serving_ns
+    # What the backend's Deployments name exists in the serving namespace, made by the chart.
+    tracking = one(objs, "Secret", "-mlflow")
+    assert tracking["metadata"]["name"] == env["STAGEGATE_KUBERNETES__TRACKING_SECRET"]
+    assert tracking["metadata"]["namespace"] == serving_ns
+    assert tracking["stringData"] == {
+        env["STAGEGATE_KUBERNETES__TRACKING_SECRET_KEY"]: ci_values("gpu")["config"][
+            "mlflowTrackingUri"
+        ]
+    }
+    model_sa = one(objs, "ServiceAccount", "-model-server")
+    assert model_sa["metadata"]["name"] == env["STAGEGATE_KUBERNETES__SERVICE_ACCOUNT"]
+    assert model_sa["metadata"]["namespace"] == serving_ns
+    assert model_sa["automountServiceAccountToken"] is False
     # The CPU default leaves GPUs out and keeps the main image.
     (cpu_worker,) = one(template(ci("minimal")), "Deployment", "-worker")["spec"]["template"][
         "spec"
     ]["containers"]
     cpu_env = env_of(cpu_worker)
-    assert cpu_env["STAGEGATE_SERVING__KUBERNETES__GPUS"] == "0"
-    assert cpu_env["STAGEGATE_SERVING__KUBERNETES__IMAGE"] == cpu_worker["image"]
+    assert cpu_env["STAGEGATE_KUBERNETES__GPUS"] == "0"
+    assert cpu_env["STAGEGATE_KUBERNETES__IMAGE"] == cpu_worker["image"]
 
 
 # -- validateValues -------------------------------------------------------------------------

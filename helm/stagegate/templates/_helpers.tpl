@@ -179,7 +179,9 @@ app.kubernetes.io/component: {{ .component }}
       key: router-token
 {{- end -}}
 
-{{/* The worker's serving backend: names read by serving/backends/kubernetes (docs/kubernetes.md). */}}
+{{/* The worker's serving backend: the settings serving/backends/kubernetes reads
+(STAGEGATE_SERVING__BACKEND and STAGEGATE_KUBERNETES__*; docs/kubernetes.md), plus the
+model-server defaults a model's serving policy may override. */}}
 {{- define "stagegate.servingEnv" -}}
 {{- $ms := .Values.modelServer -}}
 - name: STAGEGATE_SERVING__BACKEND
@@ -188,20 +190,43 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ include "stagegate.routerUrl" . | quote }}
 - name: STAGEGATE_SERVING__DEVICE
   value: {{ $ms.device | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__NAMESPACE
+- name: STAGEGATE_KUBERNETES__NAMESPACE
   value: {{ include "stagegate.servingNamespace" . | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__IMAGE
+- name: STAGEGATE_KUBERNETES__IMAGE
   value: {{ include "stagegate.modelServerImage" . | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__GPUS
+- name: STAGEGATE_KUBERNETES__TRACKING_SECRET
+  value: {{ include "stagegate.trackingSecretName" . | quote }}
+- name: STAGEGATE_KUBERNETES__TRACKING_SECRET_KEY
+  value: tracking-uri
+- name: STAGEGATE_KUBERNETES__SERVICE_ACCOUNT
+  value: {{ include "stagegate.modelServerServiceAccount" . | quote }}
+- name: STAGEGATE_KUBERNETES__CLUSTER_DOMAIN
+  value: {{ .Values.serving.clusterDomain | quote }}
+- name: STAGEGATE_KUBERNETES__IMAGE_PULL_SECRETS
+  value: {{ include "stagegate.pullSecretNames" . | quote }}
+- name: STAGEGATE_KUBERNETES__GPUS
   value: {{ $ms.gpus | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__NODE_SELECTOR
+- name: STAGEGATE_KUBERNETES__NODE_SELECTOR
   value: {{ toJson $ms.nodeSelector | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__TOLERATIONS
+- name: STAGEGATE_KUBERNETES__TOLERATIONS
   value: {{ toJson $ms.tolerations | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__RESOURCES
+- name: STAGEGATE_KUBERNETES__RESOURCES
   value: {{ toJson $ms.resources | quote }}
-- name: STAGEGATE_SERVING__KUBERNETES__IMAGE_PULL_SECRETS
-  value: {{ toJson .Values.imagePullSecrets | quote }}
+{{- end -}}
+
+{{- define "stagegate.trackingSecretName" -}}
+{{- default (printf "%s-mlflow" (include "stagegate.fullname" .)) .Values.modelServer.existingTrackingSecret -}}
+{{- end -}}
+
+{{- define "stagegate.modelServerServiceAccount" -}}
+{{- printf "%s-model-server" (include "stagegate.fullname" .) -}}
+{{- end -}}
+
+{{/* imagePullSecrets as the JSON list of names the backend's settings take. */}}
+{{- define "stagegate.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets }}{{ $names = append $names .name }}{{ end -}}
+{{- toJson $names -}}
 {{- end -}}
 
 {{/* Checks across values, all at once (values.schema.json checks each value's shape) ----- */}}
