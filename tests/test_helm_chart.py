@@ -480,6 +480,7 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         (("modelServer.device=cuda",), "needs modelServer.gpus >= 1"),
         (("router.pdb.minAvailable=2",), "or no node could ever be drained"),
         (("externalDatabase.url=sqlite:///x.db",), "SQLite"),
+        (("config.extraEnv.STAGEGATE_WEBHOOK__SECRET=x",), "would show in plain text"),
     ],
 )
 def test_validate_values_refuses_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:

@@ -282,6 +282,11 @@ model-server defaults a model's serving policy may override. */}}
 {{- if and (eq (include "stagegate.servingNamespace" .) .Release.Namespace) (not $v.serving.allowReleaseNamespace) -}}
 {{- $errors = append $errors (printf "serving.namespace is the release namespace (%s): the worker could change the chart's own Deployments; choose another namespace or set serving.allowReleaseNamespace=true" .Release.Namespace) -}}
 {{- end -}}
+{{- range $name := list "STAGEGATE_DB__URL" "STAGEGATE_WEBHOOK__SECRET" "STAGEGATE_ALERTS__SECRET" "STAGEGATE_ROUTER_TOKEN" -}}
+{{- if hasKey $v.config.extraEnv $name -}}
+{{- $errors = append $errors (printf "config.extraEnv sets %s, a credential the ConfigMap would show in plain text: use externalDatabase / auth.existingSecret" $name) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (gt (int $v.modelServer.gpus) 0) (eq $v.modelServer.device "cpu") -}}
 {{- $errors = append $errors "modelServer.gpus > 0 with modelServer.device=cpu: the GPUs would sit idle; use auto or cuda" -}}
 {{- end -}}
