@@ -481,6 +481,7 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         (("router.pdb.minAvailable=2",), "or no node could ever be drained"),
         (("externalDatabase.url=sqlite:///x.db",), "SQLite"),
         (("config.extraEnv.STAGEGATE_WEBHOOK__SECRET=x",), "would show in plain text"),
+        (("router.resources.requests=null",), "needs router.resources.requests.cpu"),
     ],
 )
 def test_validate_values_refuses_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:

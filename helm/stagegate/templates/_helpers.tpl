@@ -273,6 +273,9 @@ model-server defaults a model's serving policy may override. */}}
 {{- if lt (int $routerMin) 2 -}}
 {{- $errors = append $errors (printf "the router needs at least 2 replicas (got %d): one pod must keep serving while another restarts" (int $routerMin)) -}}
 {{- end -}}
+{{- if and $v.router.autoscaling.enabled (not (dig "requests" "cpu" "" $v.router.resources)) -}}
+{{- $errors = append $errors "router.autoscaling needs router.resources.requests.cpu: the HPA scales on use relative to the request" -}}
+{{- end -}}
 {{- if and $v.router.autoscaling.enabled (lt (int $v.router.autoscaling.maxReplicas) (int $v.router.autoscaling.minReplicas)) -}}
 {{- $errors = append $errors "router.autoscaling.maxReplicas is below minReplicas" -}}
 {{- end -}}
