@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import typer.main
 import yaml
@@ -109,6 +110,19 @@ def pod_specs(objs: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _schema_reads_cached() -> Iterator[None]:
+    """kubernetes-validate re-reads the 1.8 MB definitions file for every object (two thirds
+    of its time); the reads are pure, so keep them for this module. Validation is unchanged."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            kubernetes_validate.utils,
+            "schema_contents",
+            cache(kubernetes_validate.utils.schema_contents),
+        )
+        yield
 
 
 # -- lint, render, validate -----------------------------------------------------------------
@@ -297,6 +311,46 @@ def test_pods_are_non_root_read_only_without_capabilities(values: Path) -> None:
             assert sa["automountServiceAccountToken"] is False
 
 
+@slow
+def test_network_policies_admit_only_what_serves() -> None:
+    objs = template(ci("trial"))
+    policies = {
+        o["metadata"]["name"].removeprefix(f"{RELEASE}-stagegate-"): o["spec"]
+        for o in find(objs, "NetworkPolicy")
+    }
+    assert set(policies) == {"api", "router", "worker", "postgresql", "mlflow", "prefect"}
+    for name, spec in policies.items():
+        pods = [
+            d
+            for d in find(objs, "Deployment", f"-{name}")
+            if spec["podSelector"]["matchLabels"].items()
+            <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(pods) == 1, f"{name}'s policy selects {len(pods)} Deployments"
+        assert spec["policyTypes"] == ["Ingress"]
+    assert policies["worker"]["ingress"] == []  # serves nothing
+    (db_rule,) = policies["postgresql"]["ingress"]
+    assert db_rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}
+    ]
+    assert db_rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    serving_ns = ci_values("trial")["serving"]["namespace"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": serving_ns}}} in (
+        policies["mlflow"]["ingress"][0]["from"]
+    )
+    off = template(ci("minimal"), sets=("networkPolicy.enabled=false",))
+    assert not find(off, "NetworkPolicy")
+
+
+@slow
+def test_api_gets_a_pdb_only_with_replicas_to_spare() -> None:
+    assert not find(template(ci("minimal")), "PodDisruptionBudget", "-api")
+    objs = template(ci("external-db"))
+    replicas = one(objs, "Deployment", "-api")["spec"]["replicas"]
+    assert replicas == ci_values("external-db")["api"]["replicaCount"] >= 2
+    assert one(objs, "PodDisruptionBudget", "-api")["spec"]["minAvailable"] < replicas
+
+
 # -- secrets --------------------------------------------------------------------------------
 
 
@@ -482,6 +536,7 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         (("externalDatabase.url=sqlite:///x.db",), "SQLite"),
         (("config.extraEnv.STAGEGATE_WEBHOOK__SECRET=x",), "would show in plain text"),
         (("router.resources.requests=null",), "needs router.resources.requests.cpu"),
+        (("api.replicaCount=2", "api.pdb.minAvailable=2"), "below api.replicaCount"),
     ],
 )
 def test_validate_values_refuses_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:

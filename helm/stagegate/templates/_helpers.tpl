@@ -282,6 +282,9 @@ model-server defaults a model's serving policy may override. */}}
 {{- if ge (int $v.router.pdb.minAvailable) (int $routerMin) -}}
 {{- $errors = append $errors (printf "router.pdb.minAvailable (%d) must be below the router's fewest replicas (%d), or no node could ever be drained" (int $v.router.pdb.minAvailable) (int $routerMin)) -}}
 {{- end -}}
+{{- if and (gt (int $v.api.replicaCount) 1) (ge (int $v.api.pdb.minAvailable) (int $v.api.replicaCount)) -}}
+{{- $errors = append $errors "api.pdb.minAvailable must be below api.replicaCount, or no node could ever be drained" -}}
+{{- end -}}
 {{- if and (eq (include "stagegate.servingNamespace" .) .Release.Namespace) (not $v.serving.allowReleaseNamespace) -}}
 {{- $errors = append $errors (printf "serving.namespace is the release namespace (%s): the worker could change the chart's own Deployments; choose another namespace or set serving.allowReleaseNamespace=true" .Release.Namespace) -}}
 {{- end -}}
