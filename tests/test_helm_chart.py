@@ -235,6 +235,53 @@ def test_chart_commands_are_real_cli_commands_and_options() -> None:
     assert seen >= 3  # router, worker, register-webhook
 
 
+@slow
+def test_inline_scripts_are_the_linted_files_and_dependents_wait_for_the_api() -> None:
+    """`python -c` bodies are exactly files/*.py (which ruff checks and these tests run)."""
+    shipped = {p.read_text(): p.name for p in (CHART / "files").glob("*.py")}
+    objs = template(ci("trial"))
+    used = set()
+    for what, spec in pod_specs(objs):
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            if c.get("command") == ["python", "-c"]:
+                assert c["args"][0] in shipped, f"{what} {c['name']} runs an unlisted script"
+                used.add(shipped[c["args"][0]])
+    assert used == set(shipped.values())
+    health = f"http://{RELEASE}-stagegate-api.{NAMESPACE}.svc:8765/api/health"
+    for component in ("router", "worker"):
+        spec = one(objs, "Deployment", f"-{component}")["spec"]["template"]["spec"]
+        (wait,) = spec["initContainers"]
+        assert wait["args"] == [(CHART / "files" / "wait_for.py").read_text(), health]
+
+
+def test_wait_for_returns_only_once_the_url_answers_2xx() -> None:
+    import http.server
+    import threading
+
+    answers = [503, 200]
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(answers[min(len(seen), len(answers)) - 1])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for = runpy.run_path(str(CHART / "files" / "wait_for.py"), run_name="chart_files")
+        wait_for["main"](f"http://127.0.0.1:{server.server_port}/api/health")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["/api/health", "/api/health"]  # the 503 was not taken for ready
+
+
 # -- RBAC and pod security ------------------------------------------------------------------
 
 

@@ -139,6 +139,22 @@ app.kubernetes.io/component: {{ .component }}
   emptyDir: {}
 {{- end -}}
 
+{{/* An init container that waits for the API's /api/health (files/wait_for.py). */}}
+{{- define "stagegate.waitForApi" -}}
+- name: wait-for-api
+  image: {{ include "stagegate.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: [python, -c]
+  args:
+    - {{ .Files.Get "files/wait_for.py" | quote }}
+    - {{ printf "%s/api/health" (include "stagegate.apiUrl" .) | quote }}
+  securityContext:
+    {{- include "stagegate.containerSecurityContext" . | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 32Mi}
+    limits: {memory: 64Mi}
+{{- end -}}
+
 {{/* The database URL: a Secret's key, or (trial) built from the generated password. */}}
 {{- define "stagegate.dbEnv" -}}
 {{- if .Values.postgresql.enabled }}
