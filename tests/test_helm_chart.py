@@ -285,6 +285,25 @@ def test_wait_for_returns_only_once_the_url_answers_2xx() -> None:
 # -- RBAC and pod security ------------------------------------------------------------------
 
 
+def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs; refuses wildcards, names and escalation verbs."""
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"]
+        assert "resourceNames" not in rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+@slow
+def test_worker_role_without_pod_reads_is_exactly_the_four_kinds() -> None:
+    objs = template(ci("minimal"), sets=("serving.workerReadsPods=false",))
+    assert _grants(one(objs, "Role", "-worker")) == dict.fromkeys(WORKER_RULES, WORKER_VERBS)
+
+
 @slow
 @pytest.mark.parametrize("values", CI_FILES, ids=lambda p: p.stem)
 def test_worker_role_is_exactly_serving_objects_in_the_serving_namespace(values: Path) -> None:
@@ -299,15 +318,10 @@ def test_worker_role_is_exactly_serving_objects_in_the_serving_namespace(values:
     assert not find(objs, "ClusterRoleBinding")
     role = one(objs, "Role", "-worker")
     assert role["metadata"]["namespace"] == serving_ns
-    granted = set()
-    for rule in role["rules"]:
-        assert "*" not in rule["verbs"]
-        assert "resourceNames" not in rule
-        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-        granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == WORKER_RULES
-    # The verbs the backend uses: server-side apply (create, patch), get, list, delete.
-    assert all(set(rule["verbs"]) == WORKER_VERBS for rule in role["rules"])
+    assert _grants(role) == {
+        **dict.fromkeys(WORKER_RULES, WORKER_VERBS),
+        ("", "pods"): {"get", "list"},  # read-only: a stuck rollout names its pods' reasons
+    }
     binding = one(objs, "RoleBinding", "-worker")
     assert binding["metadata"]["namespace"] == serving_ns
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -534,11 +548,11 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
     (worker,) = one(objs, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"]
     env = env_of(worker)
     assert env["STAGEGATE_SERVING__BACKEND"] == "kubernetes"
-    assert env["STAGEGATE_SERVING__DEVICE"] == wanted["device"]
-    assert int(env["STAGEGATE_KUBERNETES__GPUS"]) == wanted["gpus"] >= 1
-    assert json.loads(env["STAGEGATE_KUBERNETES__NODE_SELECTOR"]) == wanted["nodeSelector"]
-    assert json.loads(env["STAGEGATE_KUBERNETES__TOLERATIONS"]) == wanted["tolerations"]
-    assert json.loads(env["STAGEGATE_KUBERNETES__RESOURCES"]) == wanted["resources"]
+    # One JSON object in the shape of a model policy's `serving` spec, as given.
+    defaults = json.loads(env["STAGEGATE_KUBERNETES__SERVING_DEFAULTS"])
+    assert defaults == wanted["defaults"]
+    assert defaults["gpus"] >= 1
+    assert defaults["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert env["STAGEGATE_KUBERNETES__IMAGE"].endswith(":" + wanted["image"]["tag"])
     serving_ns = ci_values("gpu")["serving"]["namespace"]
     assert env["STAGEGATE_KUBERNETES__NAMESPACE"] == serving_ns
@@ -561,7 +575,7 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         "spec"
     ]["containers"]
     cpu_env = env_of(cpu_worker)
-    assert cpu_env["STAGEGATE_KUBERNETES__GPUS"] == "0"
+    assert json.loads(cpu_env["STAGEGATE_KUBERNETES__SERVING_DEFAULTS"])["gpus"] == 0
     assert cpu_env["STAGEGATE_KUBERNETES__IMAGE"] == cpu_worker["image"]
 
 
@@ -578,7 +592,6 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         (("postgresql.enabled=true",), "trial instances"),
         (("config.mlflowTrackingUri=http://mlflow.internal:5000",), "prod mode refuses plain http"),
         ((f"serving.namespace={NAMESPACE}",), "worker could change the chart's own Deployments"),
-        (("modelServer.device=cuda",), "needs modelServer.gpus >= 1"),
         (("router.pdb.minAvailable=2",), "or no node could ever be drained"),
         (("externalDatabase.url=sqlite:///x.db",), "SQLite"),
         (("config.extraEnv.STAGEGATE_WEBHOOK__SECRET=x",), "would show in plain text"),
@@ -605,6 +618,11 @@ def test_schema_refuses_unknown_and_mistyped_values() -> None:
     assert "additional properties 'replicas' not allowed" in err
     err = template_error(ci("minimal"), sets=("router.autoscaling.minReplicas=1",))
     assert "minReplicas" in err
+    # The serving defaults are checked in the shape of a model policy's `serving` spec.
+    err = template_error(ci("minimal"), sets=("modelServer.defaults.resources.memory=8GB",))
+    assert "/modelServer/defaults/resources/memory" in err
+    err = template_error(ci("minimal"), sets=("modelServer.defaults.nodeSelector.a=b",))
+    assert "'nodeSelector' not allowed" in err
 
 
 # -- conventions ----------------------------------------------------------------------------

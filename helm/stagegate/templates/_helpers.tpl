@@ -197,15 +197,12 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The worker's serving backend: the settings serving/backends/kubernetes reads
 (STAGEGATE_SERVING__BACKEND and STAGEGATE_KUBERNETES__*; docs/kubernetes.md), plus the
-model-server defaults a model's serving policy may override. */}}
+serving spec for models whose policy names none (SERVING_DEFAULTS, one JSON object). */}}
 {{- define "stagegate.servingEnv" -}}
-{{- $ms := .Values.modelServer -}}
 - name: STAGEGATE_SERVING__BACKEND
   value: kubernetes
 - name: STAGEGATE_SERVING__ROUTER_URL
   value: {{ include "stagegate.routerUrl" . | quote }}
-- name: STAGEGATE_SERVING__DEVICE
-  value: {{ $ms.device | quote }}
 - name: STAGEGATE_KUBERNETES__NAMESPACE
   value: {{ include "stagegate.servingNamespace" . | quote }}
 - name: STAGEGATE_KUBERNETES__IMAGE
@@ -220,14 +217,8 @@ model-server defaults a model's serving policy may override. */}}
   value: {{ .Values.serving.clusterDomain | quote }}
 - name: STAGEGATE_KUBERNETES__IMAGE_PULL_SECRETS
   value: {{ include "stagegate.pullSecretNames" . | quote }}
-- name: STAGEGATE_KUBERNETES__GPUS
-  value: {{ $ms.gpus | quote }}
-- name: STAGEGATE_KUBERNETES__NODE_SELECTOR
-  value: {{ toJson $ms.nodeSelector | quote }}
-- name: STAGEGATE_KUBERNETES__TOLERATIONS
-  value: {{ toJson $ms.tolerations | quote }}
-- name: STAGEGATE_KUBERNETES__RESOURCES
-  value: {{ toJson $ms.resources | quote }}
+- name: STAGEGATE_KUBERNETES__SERVING_DEFAULTS
+  value: {{ toJson .Values.modelServer.defaults | quote }}
 {{- end -}}
 
 {{- define "stagegate.trackingSecretName" -}}
@@ -308,12 +299,6 @@ model-server defaults a model's serving policy may override. */}}
 {{- if hasKey $v.config.extraEnv $name -}}
 {{- $errors = append $errors (printf "config.extraEnv sets %s, a credential the ConfigMap would show in plain text: use externalDatabase / auth.existingSecret" $name) -}}
 {{- end -}}
-{{- end -}}
-{{- if and (gt (int $v.modelServer.gpus) 0) (eq $v.modelServer.device "cpu") -}}
-{{- $errors = append $errors "modelServer.gpus > 0 with modelServer.device=cpu: the GPUs would sit idle; use auto or cuda" -}}
-{{- end -}}
-{{- if and (hasPrefix "cuda" $v.modelServer.device) (eq (int $v.modelServer.gpus) 0) -}}
-{{- $errors = append $errors (printf "modelServer.device=%s needs modelServer.gpus >= 1" $v.modelServer.device) -}}
 {{- end -}}
 {{- if $errors -}}
 {{- fail (printf "\n\nVALUES VALIDATION:\n  - %s\n" (join "\n  - " $errors)) -}}
