@@ -158,6 +158,30 @@ def test_every_rendered_object_validates_strictly(values: Path, kube: str) -> No
 
 
 @slow
+def test_notes_give_the_access_steps() -> None:
+    """NOTES.txt renders (only install shows it; `--dry-run=client` needs no cluster)."""
+    done = _helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--dry-run=client",
+        "--namespace",
+        NAMESPACE,
+        "-f",
+        str(ci("minimal")),
+    )
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert f"port-forward svc/{RELEASE}-stagegate-api 8765" in notes
+    assert "stagegate token create YOUR-NAME --role admin" in notes
+    assert (
+        f"http://{RELEASE}-stagegate-router.{NAMESPACE}.svc:8080/models/MODEL/invocations" in notes
+    )
+    assert "stagegate register-webhook" in notes  # registerWebhook is off in this file
+    assert "TRIAL MODE" not in notes
+
+
+@slow
 def test_strict_validation_would_catch_a_misspelled_field() -> None:
     """The check above is only worth something if it refuses what a cluster would."""
     deployment = one(template(ci("minimal")), "Deployment", "-router")
