@@ -621,6 +621,15 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
         (("config.extraEnv.STAGEGATE_WEBHOOK__SECRET=x",), "would show in plain text"),
         (("router.resources.requests=null",), "needs router.resources.requests.cpu"),
         (("api.replicaCount=2", "api.pdb.minAvailable=2"), "below api.replicaCount"),
+        (
+            (
+                "serving.namespace=stagegate",
+                "serving.allowReleaseNamespace=true",
+                "serving.createNamespace=true",
+            ),
+            "would create the release namespace itself",
+        ),
+        (("config.prefectApiUrl=http://localhost.evil.com/api",), "prod mode refuses plain http"),
     ],
 )
 def test_validate_values_refuses_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:

@@ -271,7 +271,7 @@ serving spec for models whose policy names none (SERVING_DEFAULTS, one JSON obje
 {{- end -}}
 {{- if eq $v.config.mode "prod" -}}
 {{- range $name, $url := dict "config.mlflowTrackingUri" $v.config.mlflowTrackingUri "config.prefectApiUrl" $v.config.prefectApiUrl "config.apiPublicUrl" (include "stagegate.apiPublicUrl" $) -}}
-{{- if hasPrefix "http://" $url -}}
+{{- if and (hasPrefix "http://" $url) (not (regexMatch "^http://(127\\.0\\.0\\.1|localhost|\\[::1\\])([:/]|$)" $url)) -}}
 {{- $errors = append $errors (printf "prod mode refuses plain http to another host: %s is %s (use https, or config.mode=dev)" $name $url) -}}
 {{- end -}}
 {{- end -}}
@@ -294,6 +294,9 @@ serving spec for models whose policy names none (SERVING_DEFAULTS, one JSON obje
 {{- end -}}
 {{- if and (eq (include "stagegate.servingNamespace" .) .Release.Namespace) (not $v.serving.allowReleaseNamespace) -}}
 {{- $errors = append $errors (printf "serving.namespace is the release namespace (%s): the worker could change the chart's own Deployments; choose another namespace or set serving.allowReleaseNamespace=true" .Release.Namespace) -}}
+{{- end -}}
+{{- if and $v.serving.createNamespace (eq (include "stagegate.servingNamespace" .) .Release.Namespace) -}}
+{{- $errors = append $errors "serving.createNamespace=true would create the release namespace itself: name another serving.namespace, or create none" -}}
 {{- end -}}
 {{- range $name := list "STAGEGATE_DB__URL" "STAGEGATE_WEBHOOK__SECRET" "STAGEGATE_ALERTS__SECRET" "STAGEGATE_ROUTER_TOKEN" -}}
 {{- if hasKey $v.config.extraEnv $name -}}
