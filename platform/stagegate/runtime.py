@@ -68,13 +68,16 @@ def serving_backend(settings: Settings, engine: Engine) -> ServingBackend:
     )
 
 
-def serving_specs(engine: Engine) -> Callable[[str], ServingSpec]:
+def serving_specs(
+    engine: Engine, defaults: ServingSpec | None = None
+) -> Callable[[str], ServingSpec]:
     """Each model's `Policy.serving`, read at each deploy, so a policy edit takes effect at
-    the next converge."""
+    the next converge. A policy that leaves it at its defaults gets the cluster's `defaults`."""
 
     def spec_for(model: str) -> ServingSpec:
         with transaction(engine, read_only=True) as session:
-            return policies.get_policy(session, model).serving
+            spec = policies.get_policy(session, model).serving
+        return defaults if defaults is not None and spec == ServingSpec() else spec
 
     return spec_for
 

@@ -122,9 +122,18 @@ class ServingSettings(BaseModel):
         "`kubernetes` settings; docs/kubernetes.md).",
     )
 
-    @property
-    def router_url(self) -> str:
-        return f"http://127.0.0.1:{self.router_port}"
+    router_url: str = Field(
+        default="",
+        max_length=2000,
+        description="Where converge and the demo reach the router; empty: the embedded one on "
+        "127.0.0.1:router_port. In a cluster, the router's Service URL.",
+    )
+
+    @model_validator(mode="after")
+    def _embedded_router(self) -> ServingSettings:
+        if not self.router_url:
+            self.router_url = f"http://127.0.0.1:{self.router_port}"
+        return self
 
 
 class AlertSettings(BaseModel):
@@ -208,6 +217,11 @@ class KubernetesSettings(BaseModel):
         "that names the pods' reasons.",
     )
     poll_s: float = Field(default=2.0, gt=0, description="How often a rollout is re-read.")
+    serving_defaults: ServingSpec | None = Field(
+        default=None,
+        description="The cluster's serving spec (image, resources, GPUs, placement) for models "
+        "whose policy leaves `serving` at its defaults (JSON, as in a policy).",
+    )
 
 
 class Settings(BaseSettings):
