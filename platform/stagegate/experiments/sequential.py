@@ -39,10 +39,16 @@ DEFAULT_MDE_IN_SD = 0.1
 # bends most) and space points (Simpson's rule, odd). Checked against closed forms in the tests.
 _TIME_STEPS = 60
 _SPACE_POINTS = 161
-# The smallest p-value reported: below it the integration's rounding (~1e-9) dominates.
-P_FLOOR = 1e-8
-# log(rho) grid over which the last look's critical value is tabulated and interpolated.
-_RHO_GRID = np.linspace(math.log(1e-3), math.log(1e3), 31)
+# The truncated design (tuned by benchmarks/ab_sequential.py, see docs/experiments.md): the
+# mixing variance is TRUNCATED_RHO times the variance of the estimate at the maximum sample
+# (tau = 0.68 MDE when the maximum is 1.1 times the fixed-horizon sample for that MDE), and the
+# looks before the maximum may spend EARLY_SHARE of alpha under continuous monitoring.
+TRUNCATED_RHO = 4.0
+EARLY_SHARE = 0.6
+# The smallest p-value reported, and the nominal levels over which the early crossing
+# probability is tabulated (below 1e-6 the integration's rounding would show).
+P_FLOOR = 1e-6
+_LEVEL_GRID = np.linspace(math.log(1e-6), math.log(0.9), 28)
 
 
 @dataclass(frozen=True)
@@ -204,56 +210,92 @@ def _bisect(f: Callable[[float], float], lo: float, hi: float, tol: float) -> fl
     return hi
 
 
-def _last_look_c(rho: float, alpha: float) -> float:
-    """Critical |z| of the last look: early crossing plus the last look's share make alpha."""
-    cross = crossing(_mixture_boundary(rho, alpha))
-    left = alpha - cross.probability
-    if left <= 0:  # Ville's inequality makes this impossible; the guard keeps a bad grid loud
-        raise ArithmeticError(f"no alpha left for the last look (rho={rho}, alpha={alpha})")
-    return float(_bisect(lambda c: cross.tail(c) - left, 0.0, float(cross.x[-1]), 1e-9))
+# --- the truncated design -------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def _c_table(alpha: float) -> Callable[[FloatArray], FloatArray]:
+@lru_cache(maxsize=1)
+def _early_crossing() -> Callable[[ArrayLike], FloatArray]:
+    """log P(the mSPRT boundary at nominal level a is crossed before the maximum), by log a.
+
+    Continuous monitoring, rho = TRUNCATED_RHO; tabulated once (about a second) and
+    interpolated monotonically."""
     from scipy import interpolate  # type: ignore[import-untyped]  # lazily: a 1 s import
 
-    values = [_last_look_c(math.exp(r), alpha) for r in _RHO_GRID]
-    table: Callable[[FloatArray], FloatArray] = interpolate.PchipInterpolator(_RHO_GRID, values)
+    logs = np.array(
+        [
+            math.log(
+                max(crossing(_mixture_boundary(TRUNCATED_RHO, math.exp(a))).probability, 1e-300)
+            )
+            for a in _LEVEL_GRID
+        ]
+    )
+    if np.any(np.diff(logs) <= 0):
+        raise ArithmeticError("the early crossing probability must grow with the level")
+    table: Callable[[ArrayLike], FloatArray] = interpolate.PchipInterpolator(_LEVEL_GRID, logs)
     return table
 
 
-def final_critical_value(rho: ArrayLike, alpha: float) -> FloatArray:
-    """The last look's critical |z| for rho = tau^2 / (variance at the maximum sample).
-
-    Tabulated once per alpha over log(rho) in [1e-3, 1e3] and interpolated; below the grid the
-    value at 1e-3 is used (c grows with rho, so that errs on the safe side), above it the value
-    is computed directly."""
-    r = np.asarray(rho, dtype=np.float64)
-    table = _c_table(float(alpha))
-    out = np.atleast_1d(table(np.log(np.clip(r, math.exp(_RHO_GRID[0]), math.exp(_RHO_GRID[-1])))))
-    high = r > math.exp(_RHO_GRID[-1])
-    if np.any(high):
-        out[high] = [_last_look_c(float(v), alpha) for v in r[high]]
-    result: FloatArray = np.asarray(out, dtype=np.float64)
-    return result
+def early_crossing(level: float) -> float:
+    """P(|W| crosses the truncated design's mSPRT boundary at nominal `level` before the end)."""
+    return math.exp(float(_early_crossing()(math.log(level))))
 
 
-def _last_look_p(z: float, rho: float) -> float:
-    """Smallest level a whose truncated design (at level a) rejects |z| at the last look.
+@dataclass(frozen=True)
+class TruncatedDesign:
+    """The truncated design at one alpha: the looks before the maximum use the mSPRT at
+    `early_alpha`, which continuous monitoring crosses with probability EARLY_SHARE * alpha;
+    the last look rejects at |z| >= `critical_value`, which makes the total alpha."""
 
-    Levels are searched up to 0.5; above that the p-value is reported as 1, which is valid
-    (conservative) and keeps the search inside the range where c(a) falls as a grows."""
+    alpha: float
+    early_alpha: float
+    early_crossing: float  # computed directly at early_alpha
+    critical_value: float
 
-    def excess(a: float) -> float:
-        cross = crossing(_mixture_boundary(rho, a))
-        return cross.probability + cross.tail(abs(z)) - a
 
-    lo, hi = P_FLOOR, 0.5
+@lru_cache(maxsize=64)
+def truncated_design(alpha: float) -> TruncatedDesign:
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
+    target = math.log(EARLY_SHARE * alpha)
+    table = _early_crossing()
+    lo, hi = float(_LEVEL_GRID[0]), float(_LEVEL_GRID[-1])
+    if float(table(lo)) >= target:  # spending this little early needs a level below the grid
+        raise ValueError(f"alpha {alpha} is too small for the truncated design")
+    early = math.exp(_bisect(lambda a: target - float(table(a)), lo, hi, 1e-10))
+    cross = crossing(_mixture_boundary(TRUNCATED_RHO, early))
+    left = alpha - cross.probability
+    if left <= 0:
+        raise ArithmeticError(f"no alpha left for the last look (alpha={alpha})")
+    c = _bisect(lambda z: cross.tail(z) - left, 0.0, float(cross.x[-1]), 1e-9)
+    return TruncatedDesign(alpha, early, cross.probability, c)
+
+
+def early_p_value(log_lr: float) -> float:
+    """Always-valid p-value at a look before the maximum: the smallest level whose truncated
+    design rejects this likelihood ratio, P(crossing at nominal 1/LR) / EARLY_SHARE."""
+    level = math.exp(-log_lr) if log_lr > 0 else 1.0
+    if level < math.exp(_LEVEL_GRID[0]):
+        return P_FLOOR
+    if level > math.exp(_LEVEL_GRID[-1]):
+        return 1.0
+    return min(1.0, max(P_FLOOR, early_crossing(level) / EARLY_SHARE))
+
+
+def final_p_value(z: float) -> float:
+    """p-value at the last look: the smallest level whose design has |z| >= critical_value.
+
+    Searched up to 0.5 (reported as 1 above it, which is valid and conservative)."""
+
+    def excess(log_a: float) -> float:
+        return truncated_design(math.exp(log_a)).critical_value - abs(z)
+
+    lo, hi = math.log(P_FLOOR), math.log(0.5)
     if excess(hi) > 0:
         return 1.0
     if excess(lo) <= 0:
-        return lo
-    return _bisect(excess, lo, hi, 1e-7)
+        return P_FLOOR
+    # critical_value falls as the level grows: bisect on log(level), to 1e-5 relative.
+    return math.exp(_bisect(excess, lo, hi, 1e-5))
 
 
 # --- the test -------------------------------------------------------------------------------
@@ -284,29 +326,31 @@ def arm_variance(
 def bounds(
     estimate: ArrayLike,
     variance: ArrayLike,
-    tau2: ArrayLike,
-    alpha: float,
     *,
-    final: ArrayLike = False,
+    alpha: float,
+    tau2: ArrayLike | None = None,
     final_variance: ArrayLike | None = None,
+    final: ArrayLike = False,
 ) -> tuple[FloatArray, FloatArray]:
-    """Vectorised core: (half-width of the confidence sequence, log mixture LR).
+    """Vectorised core: (half-width of the confidence sequence, log mixture LR) per look.
 
-    `variance` is that of the estimate at this look. Where `final` is true the look is the
-    truncated design's last one and the half-width is c * sqrt(variance), c from
-    `final_critical_value` with rho = tau^2 / final_variance (the variance at the maximum)."""
+    `variance` is the estimate's at this look. Untruncated: give `tau2`, the mixing variance.
+    Truncated: give `final_variance`, the estimate's variance at the maximum sample (from this
+    look's per-unit variances); tau^2 is TRUNCATED_RHO times it, looks before the maximum use
+    the mSPRT at the design's early level, and where `final` is true (both arms at the
+    maximum) the half-width is the design's critical value times the standard error."""
     v = np.asarray(variance, dtype=np.float64)
-    t2 = np.broadcast_to(np.asarray(tau2, dtype=np.float64), v.shape)
-    half = mixture_halfwidth(v, t2, alpha)
-    log_lr = mixture_log_lr(estimate, v, t2)
+    if (tau2 is None) == (final_variance is None):
+        raise ValueError("give tau2 (untruncated) or final_variance (truncated)")
+    if final_variance is None:
+        t2 = np.broadcast_to(np.asarray(tau2, dtype=np.float64), v.shape)
+        return mixture_halfwidth(v, t2, alpha), mixture_log_lr(estimate, v, t2)
+    design = truncated_design(alpha)
+    t2 = TRUNCATED_RHO * np.broadcast_to(np.asarray(final_variance, dtype=np.float64), v.shape)
+    half = mixture_halfwidth(v, t2, design.early_alpha)
     last = np.broadcast_to(np.asarray(final, dtype=bool), v.shape)
-    if np.any(last):
-        vf = v if final_variance is None else np.asarray(final_variance, dtype=np.float64)
-        vf = np.broadcast_to(vf, v.shape)
-        c = final_critical_value(t2[last] / vf[last], alpha)
-        half = np.array(half, copy=True)
-        half[last] = c * np.sqrt(v[last])
-    return half, log_lr
+    half = np.where(last, design.critical_value * np.sqrt(v), half)
+    return half, mixture_log_lr(estimate, v, t2)
 
 
 def fixed_horizon_samples(
@@ -346,9 +390,12 @@ def sequential_test(
 ) -> SequentialResult:
     """The test at this look, on every unit so far (in arrival order, for the truncation).
 
-    `mde`: the absolute effect the mixture is tuned for (tau = mde); default a tenth of the
-    pooled standard deviation. `max_samples`: per-arm truncation; units past it are ignored,
-    and the look where both arms have it is the last, which spends the remaining alpha."""
+    Untruncated (`max_samples=None`): the mixture is tuned to `mde`, an absolute effect
+    (tau = mde), by default a tenth of the arms' standard deviation; valid at any number of
+    looks, forever. Truncated: units past `max_samples` per arm are ignored, the mixture is
+    tuned to the maximum sample (tau^2 = TRUNCATED_RHO x the estimate's variance there, so
+    `mde` is not used: choose max_samples from it, e.g. 1.1 x fixed_horizon_samples), and the
+    look where both arms have `max_samples` is the last, which spends the alpha left."""
     if metric not in ("bernoulli", "continuous"):
         raise ValueError(f"metric must be 'bernoulli' or 'continuous', not {metric!r}")
     if not 0 < alpha < 1:
@@ -385,19 +432,22 @@ def sequential_test(
 
     if nt < 2 or nc < 2:
         return result(-math.inf, math.inf, 1.0)
-    sq_t, sq_c = (None, None) if metric == "bernoulli" else (float(t @ t), float(c @ c))
-    vt = float(arm_variance(nt, t.sum(), sq_t, metric))
-    vc = float(arm_variance(nc, c.sum(), sq_c, metric))
+    if metric == "bernoulli":
+        vt = float(arm_variance(nt, t.sum(), None, metric))
+        vc = float(arm_variance(nc, c.sum(), None, metric))
+    else:  # two passes: a sum of squares would lose the digits of a large mean
+        vt, vc = float(t.var(ddof=1)), float(c.var(ddof=1))
     variance = vt / nt + vc / nc
-    tau2 = (mde if mde is not None else DEFAULT_MDE_IN_SD * math.sqrt((vt + vc) / 2)) ** 2
-    if tau2 == 0:  # no mde and both arms constant: no scale to tune the mixture to
-        return result(-math.inf, math.inf, 1.0)
     if variance == 0:  # both arms constant: the difference is known exactly
         return result(d, d, P_FLOOR if d else 1.0)
-    half, log_lr = bounds(d, variance, tau2, alpha, final=final)
-    if final:
-        p = _last_look_p(d / math.sqrt(variance), tau2 / variance)
-    else:
+    if max_samples is None:
+        tau = mde if mde is not None else DEFAULT_MDE_IN_SD * math.sqrt((vt + vc) / 2)
+        half, log_lr = bounds(d, variance, alpha=alpha, tau2=tau * tau)
         p = max(P_FLOOR, min(1.0, math.exp(-float(log_lr))))
+    else:
+        half, log_lr = bounds(
+            d, variance, alpha=alpha, final_variance=(vt + vc) / max_samples, final=final
+        )
+        p = final_p_value(d / math.sqrt(variance)) if final else early_p_value(float(log_lr))
     h = float(half)
     return result(d - h, d + h, p)
