@@ -289,13 +289,15 @@ def final_p_value(z: float) -> float:
     def excess(log_a: float) -> float:
         return truncated_design(math.exp(log_a)).critical_value - abs(z)
 
+    from scipy import optimize  # lazily, like interpolate
+
     lo, hi = math.log(P_FLOOR), math.log(0.5)
     if excess(hi) > 0:
         return 1.0
     if excess(lo) <= 0:
         return P_FLOOR
-    # critical_value falls as the level grows: bisect on log(level), to 1e-5 relative.
-    return math.exp(_bisect(excess, lo, hi, 1e-5))
+    # critical_value falls as the level grows: one root in log(level), to 1e-6 relative.
+    return math.exp(float(optimize.brentq(excess, lo, hi, xtol=1e-6)))
 
 
 # --- the test -------------------------------------------------------------------------------
@@ -323,16 +325,15 @@ def arm_variance(
     return cont
 
 
-def bounds(
-    estimate: ArrayLike,
+def halfwidth(
     variance: ArrayLike,
     *,
     alpha: float,
     tau2: ArrayLike | None = None,
     final_variance: ArrayLike | None = None,
     final: ArrayLike = False,
-) -> tuple[FloatArray, FloatArray]:
-    """Vectorised core: (half-width of the confidence sequence, log mixture LR) per look.
+) -> FloatArray:
+    """Vectorised core: the half-width of the confidence sequence at each look.
 
     `variance` is the estimate's at this look. Untruncated: give `tau2`, the mixing variance.
     Truncated: give `final_variance`, the estimate's variance at the maximum sample (from this
@@ -344,13 +345,13 @@ def bounds(
         raise ValueError("give tau2 (untruncated) or final_variance (truncated)")
     if final_variance is None:
         t2 = np.broadcast_to(np.asarray(tau2, dtype=np.float64), v.shape)
-        return mixture_halfwidth(v, t2, alpha), mixture_log_lr(estimate, v, t2)
+        return mixture_halfwidth(v, t2, alpha)
     design = truncated_design(alpha)
     t2 = TRUNCATED_RHO * np.broadcast_to(np.asarray(final_variance, dtype=np.float64), v.shape)
     half = mixture_halfwidth(v, t2, design.early_alpha)
     last = np.broadcast_to(np.asarray(final, dtype=bool), v.shape)
-    half = np.where(last, design.critical_value * np.sqrt(v), half)
-    return half, mixture_log_lr(estimate, v, t2)
+    out: FloatArray = np.where(last, design.critical_value * np.sqrt(v), half)
+    return out
 
 
 def fixed_horizon_samples(
@@ -379,6 +380,17 @@ def _as_units(values: ArrayLike, name: str, metric: Metric) -> FloatArray:
     return arr
 
 
+def _check_design(metric: str, alpha: float, mde: float | None, max_samples: int | None) -> None:
+    if metric not in ("bernoulli", "continuous"):
+        raise ValueError(f"metric must be 'bernoulli' or 'continuous', not {metric!r}")
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
+    if mde is not None and not (math.isfinite(mde) and mde > 0):
+        raise ValueError("mde must be a positive number")
+    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 2):
+        raise ValueError("max_samples must be an integer of at least 2")
+
+
 def sequential_test(
     treatment: ArrayLike,
     control: ArrayLike,
@@ -396,14 +408,7 @@ def sequential_test(
     tuned to the maximum sample (tau^2 = TRUNCATED_RHO x the estimate's variance there, so
     `mde` is not used: choose max_samples from it, e.g. 1.1 x fixed_horizon_samples), and the
     look where both arms have `max_samples` is the last, which spends the alpha left."""
-    if metric not in ("bernoulli", "continuous"):
-        raise ValueError(f"metric must be 'bernoulli' or 'continuous', not {metric!r}")
-    if not 0 < alpha < 1:
-        raise ValueError("alpha must be in (0, 1)")
-    if mde is not None and not (math.isfinite(mde) and mde > 0):
-        raise ValueError("mde must be a positive number")
-    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 2):
-        raise ValueError("max_samples must be an integer of at least 2")
+    _check_design(metric, alpha, mde, max_samples)
     t = _as_units(treatment, "treatment", metric)
     c = _as_units(control, "control", metric)
     if max_samples is not None:
@@ -442,12 +447,15 @@ def sequential_test(
         return result(d, d, P_FLOOR if d else 1.0)
     if max_samples is None:
         tau = mde if mde is not None else DEFAULT_MDE_IN_SD * math.sqrt((vt + vc) / 2)
-        half, log_lr = bounds(d, variance, alpha=alpha, tau2=tau * tau)
-        p = max(P_FLOOR, min(1.0, math.exp(-float(log_lr))))
+        half = halfwidth(variance, alpha=alpha, tau2=tau * tau)
+        p = max(P_FLOOR, min(1.0, math.exp(-float(mixture_log_lr(d, variance, tau * tau)))))
     else:
-        half, log_lr = bounds(
-            d, variance, alpha=alpha, final_variance=(vt + vc) / max_samples, final=final
-        )
-        p = final_p_value(d / math.sqrt(variance)) if final else early_p_value(float(log_lr))
+        final_variance = (vt + vc) / max_samples
+        half = halfwidth(variance, alpha=alpha, final_variance=final_variance, final=final)
+        if final:
+            p = final_p_value(d / math.sqrt(variance))
+        else:
+            tau2 = TRUNCATED_RHO * final_variance
+            p = early_p_value(float(mixture_log_lr(d, variance, tau2)))
     h = float(half)
     return result(d - h, d + h, p)
