@@ -13,11 +13,11 @@ a second; the flow looks every 5 s with a jitter of +-2 s (uniform), so about 12
 arm between looks and some 280 looks by the maximum sample. The arms' counts differ at a look.
 
 Methods:
-  - ours: `stagegate.experiments` as the canary flow runs it. The mSPRT (tau = MDE) at every
-    flow look, truncated at 1.1 N per arm, where the last look spends the alpha left
-    (`sequential_test(max_samples=...)`); the verdict by the rules of `decide` with a minimum
-    sample of 1000 per arm: promote when the interval is above 0, roll back when below 0 or
-    inconclusive at 1.1 N.
+  - ours: `stagegate.experiments` as the canary flow runs it: the truncated design
+    (`sequential_test(max_samples=1.1 N)`: an mSPRT at every flow look whose continuous
+    crossing spends 60% of alpha, and a last look at 1.1 N per arm that spends the rest), with
+    the verdict by the rules of `decide` and a minimum sample of 1000 per arm: promote when the
+    interval is above 0, roll back when below 0 or inconclusive at 1.1 N.
   - fixed_z: one look at N per arm, the pooled two-proportion z-test (p-value from scipy).
   - msprt: the plain mSPRT (tau = MDE, Ville's 1/alpha threshold) at every flow look, stopped
     without a verdict at the same 1.1 N (it has no last look to spend what is left).

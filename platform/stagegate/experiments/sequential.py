@@ -6,9 +6,10 @@ Why it stays valid however often the canary flow looks (docs/experiments.md has 
 - Untruncated (`max_samples=None`): the mixture likelihood ratio is a nonnegative martingale
   under "no difference", so by Ville's inequality P(it ever reaches 1/alpha) <= alpha, for any
   looks at any times, even looks chosen from the data.
-- Truncated: before each arm reaches `max_samples` the same mSPRT boundary applies. Its
-  probability of being crossed by a Brownian path monitored continuously up to the maximum is
-  computed exactly (numerical integration), and the last look, at `max_samples` per arm,
+- Truncated: before both arms reach `max_samples` an mSPRT boundary applies (tau^2 tied to
+  the variance at the maximum, nominal level `early_alpha`). Its probability of being crossed
+  by a Brownian path monitored continuously up to the maximum is computed exactly (numerical
+  integration) and set to EARLY_SHARE of alpha; the last look, at `max_samples` per arm,
   rejects when |z| >= c, with c chosen so that that crossing probability plus the last look's
   share is alpha. Every look schedule inside [0, max_samples] rejects only if the continuous
   path does, so the bound holds for all of them.
@@ -41,7 +42,7 @@ _TIME_STEPS = 60
 _SPACE_POINTS = 161
 # The truncated design (tuned by benchmarks/ab_sequential.py, see docs/experiments.md): the
 # mixing variance is TRUNCATED_RHO times the variance of the estimate at the maximum sample
-# (tau = 0.68 MDE when the maximum is 1.1 times the fixed-horizon sample for that MDE), and the
+# (tau = 0.67 MDE when the maximum is 1.1 times the fixed-horizon sample for that MDE), and the
 # looks before the maximum may spend EARLY_SHARE of alpha under continuous monitoring.
 TRUNCATED_RHO = 4.0
 EARLY_SHARE = 0.6
@@ -217,7 +218,7 @@ def _bisect(f: Callable[[float], float], lo: float, hi: float, tol: float) -> fl
 def _early_crossing() -> Callable[[ArrayLike], FloatArray]:
     """log P(the mSPRT boundary at nominal level a is crossed before the maximum), by log a.
 
-    Continuous monitoring, rho = TRUNCATED_RHO; tabulated once (about a second) and
+    Continuous monitoring, rho = TRUNCATED_RHO; tabulated once (a second or a few) and
     interpolated monotonically."""
     from scipy import interpolate  # type: ignore[import-untyped]  # lazily: a 1 s import
 
