@@ -173,7 +173,7 @@ def test_a_labelled_canary_runs_to_a_decision_through_the_flow(live: Settings) -
         policy["experiment"] = {
             "metric": "converted",
             "min_samples": 40,
-            "mde": 0.3,
+            "max_samples": 200,  # about 1.1x the fixed-horizon sample of this test's effect
             "attribution_window_s": 60,
             "max_latency_increase_ms": 1000,  # a loaded CI machine: this test is about labels
         }

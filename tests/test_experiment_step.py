@@ -48,7 +48,6 @@ def _criteria(**kw: object) -> ExperimentCriteria:
         "attribution_window_s": 60,
         "min_samples": 200,
         "max_samples": 20_000,
-        "mde": 0.05,
     }
     base.update(kw)
     return ExperimentCriteria.model_validate(base)

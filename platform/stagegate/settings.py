@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stagegate.lifecycle.serving_spec import ServingSpec
+
 DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"  # noqa: S105 - refused outside dev mode
 MIN_SECRET_BYTES = 32
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})

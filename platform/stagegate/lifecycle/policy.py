@@ -385,17 +385,16 @@ class ExperimentCriteria(BaseModel):
         description="A request still unlabelled after the window counts as 0, or not at all.",
     )
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Error rate of the test.")
-    mde: float | None = Field(
-        default=None,
-        gt=0,
-        description="Smallest absolute effect worth detecting; tunes the sequential test.",
-    )
     min_effect: float = Field(
         default=0.0, ge=0, description="A win must beat the champion by more than this."
     )
     min_samples: int = Field(default=200, ge=2, description="Units per arm before any decision.")
     max_samples: int = Field(
-        default=100_000, ge=2, description="Units per arm at which the test stops."
+        default=100_000,
+        ge=2,
+        description="Units per arm at which the test stops; the test is designed for this "
+        "maximum (its last look spends the alpha left), so set it to about 1.1x the "
+        "fixed-horizon sample of the effect worth detecting (docs/experiments.md).",
     )
     max_duration_s: float = Field(
         default=7 * 86400, gt=0, description="The experiment stops after this long."

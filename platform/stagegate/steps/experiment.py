@@ -69,9 +69,7 @@ def _test_metric(s: Samples, c: ExperimentCriteria) -> tuple[SequentialResult, d
             "theta": adjusted.theta,
             "variance_reduction": adjusted.variance_reduction,
         }
-    result = sequential_test(
-        t, k, alpha=c.alpha, metric=c.kind, mde=c.mde, max_samples=c.max_samples
-    )
+    result = sequential_test(t, k, alpha=c.alpha, metric=c.kind, max_samples=c.max_samples)
     return result, info
 
 
