@@ -35,6 +35,7 @@ PEOPLE: dict[str, Role] = {
     "bob": Role.approver,
     "vic": Role.viewer,
     "ops": Role.admin,
+    "sam": Role.admin,  # the second pair of eyes on policy changes that weaken a gate
 }
 
 
@@ -176,7 +177,7 @@ class Demo:
         engine.dispose()
         self.say(
             "[bold]1.[/] tokens issued: dana (author), alice and bob (approvers), "
-            f"vic (viewer), ops (admin); dana's MLflow login {login!r} linked to dana"
+            f"vic (viewer), ops and sam (admins); dana's MLflow login {login!r} linked to dana"
         )
 
     def data(self) -> tuple[Any, Any, Any, Any]:
@@ -508,13 +509,24 @@ class Demo:
             "max_latency_increase_ms": 25,
             "actions": {"rollback_applies_alone": True},
         }
-        self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
+        change = self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
         self.say(
-            "   ops set the model's policy: accuracy must match or beat the champion; "
+            "   ops proposed the model's policy: accuracy must match or beat the champion; "
             "200 shadow comparisons; the canary gets half the keys and runs an A/B test on "
             "confirmed decisions (sequential, alpha 5%), with guardrails on errors and "
             "latency (+25 ms); a guardrail breach rolls back alone"
         )
+        if change.get("status") == "pending":  # it weakens a gate: four eyes
+            self.call(
+                "sam",
+                "POST",
+                f"/api/v1/policy-changes/{change['id']}/approvals",
+                json={"decision": "approve", "comment": "reviewed"},
+            )
+            self.say(
+                f"   it weakens a gate ({'; '.join(change['weakens'])}): sam, a second "
+                "admin, approved it"
+            )
 
     def check_registry(self, champion: int, retired: int) -> None:
         """The registry mirrors the database right after each commit; wait for it."""

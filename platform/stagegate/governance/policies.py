@@ -69,7 +69,8 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
 
     Per move of the stage machine: fewer approvals than before *and* than the floor; any
     change of the roles that may approve it (while it needs approvals). Then: unmapped
-    authors let through where they were blocked, and drift rollbacks without approval."""
+    authors let through where they were blocked, and drift or experiment rollbacks without
+    approval."""
     found = []
     for frm, targets in ALLOWED_MOVES.items():
         for to in sorted(targets):
@@ -92,7 +93,13 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
         found.append("approvals of versions whose author is linked to no identity now count")
     if new.drift.actions.rollback_applies_alone and not old.drift.actions.rollback_applies_alone:
         found.append("drift rollbacks now apply without approval")
+    if _experiment_alone(new) and not _experiment_alone(old):
+        found.append("experiment guardrail rollbacks now apply without approval")
     return found
+
+
+def _experiment_alone(policy: Policy) -> bool:
+    return policy.experiment is not None and policy.experiment.actions.rollback_applies_alone
 
 
 def change_policy(
