@@ -74,18 +74,28 @@ def _test_metric(s: Samples, c: ExperimentCriteria) -> tuple[SequentialResult, d
 
 
 def _guardrails(s: Samples, c: ExperimentCriteria) -> list[GuardrailCheck]:
+    """Untruncated always-valid tests, their mixture tuned to the allowance: the effect size
+    whose crossing matters."""
     return [
         GuardrailCheck(
             "error_rate",
             sequential_test(
-                s.treatment.errors, s.control.errors, alpha=c.alpha, metric="bernoulli"
+                s.treatment.errors,
+                s.control.errors,
+                alpha=c.alpha,
+                metric="bernoulli",
+                mde=c.max_error_rate_increase or None,
             ),
             c.max_error_rate_increase,
         ),
         GuardrailCheck(
             "latency_ms",
             sequential_test(
-                s.treatment.latency_ms, s.control.latency_ms, alpha=c.alpha, metric="continuous"
+                s.treatment.latency_ms,
+                s.control.latency_ms,
+                alpha=c.alpha,
+                metric="continuous",
+                mde=c.max_latency_increase_ms or None,
             ),
             c.max_latency_increase_ms,
         ),
