@@ -495,6 +495,8 @@ class Demo:
         policy["primary_metric"] = "accuracy"
         # Demo-sized traffic: 400 requests a phase, of which the canary answers about 10%.
         policy["shadow"]["min_comparisons"] = 200
+        # v2 is right where v1 is wrong on about a fifth of the rows: agreement is ~80%.
+        policy["shadow"]["min_agreement"] = 0.7
         policy["traffic"]["challenger_weight"] = 0.5
         # The canary is an A/B test on the share of decisions the fraud team confirms as
         # right, sequential so the flow may look every few seconds; demo-sized samples.
@@ -512,7 +514,7 @@ class Demo:
         change = self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
         self.say(
             "   ops proposed the model's policy: accuracy must match or beat the champion; "
-            "200 shadow comparisons; the canary gets half the keys and runs an A/B test on "
+            "200 shadow comparisons agreeing 70%; the canary gets half the keys and runs an A/B test on "
             "confirmed decisions (sequential, alpha 5%), with guardrails on errors and "
             "latency (+25 ms); a guardrail breach rolls back alone"
         )
