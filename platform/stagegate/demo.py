@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import httpx
@@ -234,6 +235,9 @@ class Demo:
             )
             log_reference(x_tr.assign(prediction=model.predict(x_tr)))
             if slow_ms:
+                # MLflow warns that a Python object is pickled: the demo's own closure.
+                logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+                warnings.simplefilter("ignore")
                 info: Any = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=_slow(model, slow_ms),
@@ -377,6 +381,14 @@ class Demo:
         self.say(f"   endpoint: router sends v{version} the {arm} role ({waited:.1f} s later)")
         return True
 
+    def challenger_version(self) -> int | None:
+        """The version the router now sends the challenger's share, if any."""
+        doc = self.api.get(f"{self.settings.serving.router_url}/policies").json()
+        policy: dict[str, Any] = next(
+            (p for p in doc.get("policies", []) if p["model"] == self.model), {}
+        )
+        return (policy.get("challenger") or {}).get("version")
+
     def bodies(self, requests: int, drifted: bool) -> list[dict[str, Any]]:
         """One held-out row a request; drifted: f0 shifted by 3 and a channel never seen."""
         self.phases += 1
@@ -465,21 +477,28 @@ class Demo:
         self.call("dana", "POST", "/api/v1/feedback", json={"items": labels})
         return labels
 
+    def next_look(self, path: str, shown: int) -> dict[str, Any] | None:
+        """The experiment once it has a look (or a decision) beyond the first `shown`."""
+        doc: dict[str, Any] = self.call("vic", "GET", path)
+        return doc if doc["decision"] is not None or len(doc["looks"]) > shown else None
+
     def experiment_traffic(self, version: int) -> dict[str, Any]:
         """Labelled traffic until the canary flow's sequential test decides; show its looks."""
         path = f"/api/v1/models/{self.model}/versions/{version}/experiment"
         started, shown, deadline = time.monotonic(), 0, time.monotonic() + 4 * self.timeout_s
         self.say("   experiment: labelled traffic; the canary flow looks every 5 s")
-        while time.monotonic() < deadline:
-            doc = self.call("vic", "GET", path)
+        doc = self.call("vic", "GET", path)
+        while doc["decision"] is None:
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"the experiment of v{version} did not decide in time")
+            self.labelled_batch(60)
+            # A batch between looks, so each look the flow takes is shown as it narrows.
+            doc, _ = self.wait_for(
+                "the canary flow's next look", partial(self.next_look, path, shown)
+            )
             for look in doc["looks"][shown:]:
                 self.say("      " + _look_line(look))
             shown = len(doc["looks"])
-            if doc["decision"] is not None:
-                break
-            self.labelled_batch(100)
-        else:
-            raise DemoFailed(f"the experiment of v{version} did not decide in time")
         decision = doc["decision"]
         took = time.monotonic() - started
         self.timings.setdefault("experiment_s", took)
@@ -514,9 +533,9 @@ class Demo:
         change = self.call("ops", "PUT", f"/api/v1/models/{self.model}/policy", json=policy)
         self.say(
             "   ops proposed the model's policy: accuracy must match or beat the champion; "
-            "200 shadow comparisons agreeing 70%; the canary gets half the keys and runs an A/B test on "
-            "confirmed decisions (sequential, alpha 5%), with guardrails on errors and "
-            "latency (+25 ms); a guardrail breach rolls back alone"
+            "200 shadow comparisons agreeing 70%; the canary gets half the keys and runs an "
+            "A/B test on confirmed decisions (sequential, alpha 5%), with guardrails on errors "
+            "and latency (+25 ms); a guardrail breach rolls back alone"
         )
         if change.get("status") == "pending":  # it weakens a gate: four eyes
             self.call(
@@ -575,6 +594,10 @@ class Demo:
         decision = self.experiment_traffic(version)
         _, waited = self.wait_for(
             f"v{version} to be rolled back", lambda: self.stage_of(version) == "rolled_back"
+        )
+        self.wait_for(
+            f"the router to stop sending v{version} traffic",
+            lambda: self.challenger_version() is None,
         )
         self.say(
             f"   guardrail breached ({', '.join(decision['breached']) or 'none'}): the service "
@@ -697,9 +720,9 @@ class Demo:
 def _slow(model: Any, ms: float) -> Callable[[Any], Any]:
     """The model behind a pyfunc that sleeps first: cloudpickle stores this closure whole."""
 
-    def predict(frame: Any) -> Any:
+    def predict(model_input):  # type: ignore[no-untyped-def]  # mlflow reads the hints
         time.sleep(ms / 1000)
-        return model.predict(frame)
+        return model.predict(model_input)
 
     return predict
 
