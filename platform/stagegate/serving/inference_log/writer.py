@@ -38,6 +38,8 @@ from stagegate.serving.inference_log.features import (
     read_features,
 )
 from stagegate.serving.inference_log.format import (
+    FileSystem,
+    check_bucket,
     open_root,
     partition_dir,
     records_from_table,
@@ -73,6 +75,18 @@ log = logging.getLogger(__name__)
 _Part = tuple[str, date, list[InferenceRecord]]  # one partition's records: model, date, records
 
 
+def _check_storage(fs: FileSystem, root: str, root_url: str) -> None:
+    """A missing bucket stops the writer at once (it would only ever drop records). A refusal
+    or an unreachable store is logged and left to the writes: write-only credentials cannot
+    see the bucket, and a store that is down may come back."""
+    try:
+        check_bucket(fs, root, root_url)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        log.warning("inference log %s: could not check the bucket: %s", root_url, exc)
+
+
 class LocalInferenceLog:
     """An `InferenceLogWriter` onto any fsspec URL (a local folder by default)."""
 
@@ -92,6 +106,7 @@ class LocalInferenceLog:
         if features_flush_rows < 1 or features_flush_interval_s <= 0:
             raise ValueError("need features_flush_rows >= 1 and features_flush_interval_s > 0")
         self._fs, self._root = open_root(root_url)
+        _check_storage(self._fs, self._root, root_url)
         self._flush_rows = flush_rows
         self._interval = flush_interval_s
         self._max_buffer = max_buffer_rows
