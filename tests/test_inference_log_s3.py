@@ -221,13 +221,18 @@ def test_every_reader_returns_on_s3_what_it_returns_locally(bucket: str, tmp_pat
     assert not [k for k in keys if not k.endswith(".parquet")]  # no temp objects left behind
 
 
-def test_readers_see_new_files_from_another_writer(bucket: str) -> None:
+def test_readers_see_files_that_another_process_wrote_after_their_last_listing(
+    bucket: str, tmp_path: Path
+) -> None:
     """A long-lived reader (the API, a worker) is not fooled by an old cached listing."""
     root = f"s3://{bucket}/log"
     write_in_batches(root, [rec(i) for i in range(4)], batch=4)
     assert read_records(root).num_rows == 4
     assert read_features(root, model="fraud").num_rows == 8
-    write_in_batches(root, [rec(i) for i in range(4, 10)], batch=6)
+    # Another process (the router) writes: its own connection, not this process's filesystem.
+    write_in_batches(str(tmp_path / "elsewhere"), [rec(i) for i in range(4, 10)], batch=6)
+    router = s3fs.S3FileSystem(skip_instance_cache=True)
+    router.put(f"{tmp_path / 'elsewhere'}/", f"{bucket}/log/", recursive=True)
     assert read_records(root).num_rows == 10
     assert read_features(root, model="fraud").num_rows == 20
     assert query(root, "SELECT count(*) FROM inference").to_pylist() == [{"count_star()": 10}]
