@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -350,3 +351,65 @@ def test_drift_reports_are_stored_beside_the_log_on_s3(bucket: str) -> None:
     # The reports stay out of every reading of the log.
     write_in_batches(root, [rec(1)], batch=1)
     assert read_records(root).num_rows == 1
+
+
+def test_the_router_process_writes_its_log_to_s3(bucket: str, tmp_path: Path) -> None:
+    """`stagegate router --log-dir s3://…` as in a pod: credentials from the environment."""
+    from tests.test_router import START_TIMEOUT_S, Upstreams
+
+    upstreams = Upstreams()
+    router: subprocess.Popen[bytes] | None = None
+    try:
+        champion = upstreams.start(7)
+        policy = {"policies": [{"model": "iris", "champion": {"version": 7, "url": champion.url}}]}
+        (tmp_path / "policy.json").write_bytes(orjson.dumps(policy))
+        port = free_port()
+        root = f"s3://{bucket}/cluster-a/inference-log"
+        router_log = tmp_path / "router.log"
+        with router_log.open("wb") as out:  # os.environ carries the AWS variables of `moto`
+            router = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "stagegate.cli", "router"),
+                    *("--policy", str(tmp_path / "policy.json"), "--port", str(port)),
+                    *("--log-dir", root, "--log-level", "warning"),
+                ],
+                cwd=Path(__file__).resolve().parents[1],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert router.poll() is None, router_log.read_text(errors="replace")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the router did not start"
+                time.sleep(0.1)
+        sent: dict[str, float] = {}
+        for i in range(5):
+            body = orjson.dumps({"dataframe_split": {"columns": ["x"], "data": [[i / 2]]}})
+            request = urllib.request.Request(
+                f"{url}/models/iris/invocations",
+                data=body,
+                headers={"content-type": JSON},
+                method="POST",
+            )
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                assert orjson.loads(resp.read())["predictions"] == [7]
+                sent[resp.headers["x-request-id"]] = i / 2
+        router.send_signal(signal.SIGTERM)  # a graceful stop flushes the log
+        assert router.wait(20) == 0, router_log.read_text(errors="replace")
+    finally:
+        if router is not None and router.poll() is None:
+            router.kill()
+            router.wait()
+        upstreams.close()
+    records = read_records(root, model="iris")
+    assert sorted(records["request_id"].to_pylist()) == sorted(sent)
+    assert set(records["version"].to_pylist()) == {7}
+    features = read_features(root, model="iris")
+    assert dict(zip(features["request_id"].to_pylist(), features["x"].to_pylist(), strict=True)) == sent
+    assert features["prediction"].to_pylist() == [7] * 5
