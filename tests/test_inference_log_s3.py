@@ -65,10 +65,11 @@ def _start_moto(tmp: Path, **env: str) -> tuple[subprocess.Popen[bytes], str]:
         try:
             urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
             return proc, url
-        except OSError:
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto did not start: {log.read_text(errors='replace')}")
+                text = log.read_text(errors="replace")
+                raise RuntimeError(f"moto did not start: {text}") from exc
             time.sleep(0.1)
 
 
@@ -121,7 +122,7 @@ def rec(
     i: int,
     *,
     model: str = "fraud",
-    role: Role = "champion",
+    role: Role = Role.champion,
     version: int = 3,
     status: int = 200,
 ) -> InferenceRecord:
@@ -146,7 +147,7 @@ def rec(
 
 def traffic(n: int) -> list[InferenceRecord]:
     """Two models, the three roles, a failed answer now and then, over two dates."""
-    roles: tuple[Role, ...] = ("champion", "challenger", "shadow")
+    roles = (Role.champion, Role.challenger, Role.shadow)
     return [
         rec(
             i,
@@ -193,8 +194,9 @@ def every_reading(root: str) -> dict[str, Any]:
         "labels": read_labels(root),
         "labeled fraud": read_labeled(root, "fraud"),
         "outcomes fraud": read_outcomes(root, "fraud", **window),
-        "query": query(root, "SELECT model, date, count(*) AS n FROM inference GROUP BY ALL"
-                       " ORDER BY ALL"),
+        "query": query(
+            root, "SELECT model, date, count(*) AS n FROM inference GROUP BY ALL ORDER BY ALL"
+        ),
     }
 
 
@@ -317,7 +319,7 @@ def test_refused_credentials_are_a_clear_error_and_the_writer_does_not_hang(
         with pytest.MonkeyPatch.context() as mp:
             _use_endpoint(mp, url)
             root = "s3://some-bucket/log"
-            with pytest.raises(PermissionError, match="was refused.*AWS_ACCESS_KEY_ID"):
+            with pytest.raises(PermissionError, match=r"was refused.*AWS_ACCESS_KEY_ID"):
                 read_records(root)
             with pytest.raises(PermissionError, match="was refused"):
                 read_features(root, model="fraud")
@@ -411,5 +413,8 @@ def test_the_router_process_writes_its_log_to_s3(bucket: str, tmp_path: Path) ->
     assert sorted(records["request_id"].to_pylist()) == sorted(sent)
     assert set(records["version"].to_pylist()) == {7}
     features = read_features(root, model="iris")
-    assert dict(zip(features["request_id"].to_pylist(), features["x"].to_pylist(), strict=True)) == sent
+    assert (
+        dict(zip(features["request_id"].to_pylist(), features["x"].to_pylist(), strict=True))
+        == sent
+    )
     assert features["prediction"].to_pylist() == [7] * 5
