@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -292,7 +292,7 @@ def test_a_missing_bucket_is_a_clear_error_and_is_never_created(moto: str) -> No
     missing = f"missing-{uuid.uuid4().hex[:12]}"
     root = f"s3://{missing}/log"
     started = time.monotonic()
-    readers = [
+    readers: list[Callable[[], object]] = [
         lambda: read_records(root),
         lambda: read_features(root, model="fraud"),
         lambda: read_labeled(root, "fraud"),
