@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
+import s3fs  # type: ignore[import-untyped]
 
 from stagegate import reports
 from stagegate.serving.inference_log.labels import read_outcomes
@@ -40,8 +41,6 @@ from stagegate.serving.inference_log.writer import (
     read_records,
 )
 from tests.fixtures.mlflow_server import free_port
-
-s3fs = pytest.importorskip("s3fs")  # a pinned dependency: this only guards a broken install
 
 pytestmark = pytest.mark.slow  # every test here talks to a moto server process
 
