@@ -367,7 +367,10 @@ def test_the_router_process_writes_its_log_to_s3(bucket: str, tmp_path: Path) ->
         port = free_port()
         root = f"s3://{bucket}/cluster-a/inference-log"
         router_log = tmp_path / "router.log"
-        with router_log.open("wb") as out:  # os.environ carries the AWS variables of `moto`
+        # The AWS variables of `moto`, with the S3-only endpoint variable this time.
+        env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+        env["AWS_ENDPOINT_URL_S3"] = os.environ["AWS_ENDPOINT_URL"]
+        with router_log.open("wb") as out:
             router = subprocess.Popen(
                 [
                     *(sys.executable, "-m", "stagegate.cli", "router"),
@@ -375,6 +378,7 @@ def test_the_router_process_writes_its_log_to_s3(bucket: str, tmp_path: Path) ->
                     *("--log-dir", root, "--log-level", "warning"),
                 ],
                 cwd=Path(__file__).resolve().parents[1],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
