@@ -10,6 +10,8 @@ traffic, whichever is smaller, plus what arrived while the last batch was being 
 order, so what survives in a partition is a gap-free prefix of what was appended (unless a
 write failed and is being retried). Files are fsynced before they are renamed into place,
 but their folders are not: a power loss may lose the last files, never leave a torn one.
+On an object store (`s3://bucket/prefix`) each file is one PUT of the whole encoded file,
+which the store publishes only once complete: readers see whole files there too.
 
 Features. Once a batch's records are written, the same thread decodes their request bodies
 into typed feature rows (`features.py`): that work never touches the request path, and a body
@@ -88,7 +90,10 @@ def _check_storage(fs: FileSystem, root: str, root_url: str) -> None:
 
 
 class LocalInferenceLog:
-    """An `InferenceLogWriter` onto any fsspec URL (a local folder by default)."""
+    """An `InferenceLogWriter` onto any fsspec URL (a local folder by default).
+
+    On an object store, a missing bucket raises FileNotFoundError here (it is never created);
+    refused credentials only show in the failed writes, logged and retried."""
 
     def __init__(
         self,
