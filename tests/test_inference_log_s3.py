@@ -421,3 +421,25 @@ def test_the_router_process_writes_its_log_to_s3(bucket: str, tmp_path: Path) ->
         == sent
     )
     assert features["prediction"].to_pylist() == [7] * 5
+
+
+def test_a_write_that_fails_halfway_publishes_nothing(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsspec's files upload what they hold when closed, even by an exception: the encoding
+    must fail before anything is sent."""
+    from stagegate.serving.inference_log import format as log_format
+
+    def fails_halfway(table: Any, where: Any, **options: Any) -> None:
+        where.write(b"PAR1 half a file")
+        raise OSError("disk full while encoding")
+
+    fs = s3fs.S3FileSystem()
+    table = log_format.records_table([rec(1)])
+    monkeypatch.setattr(log_format.pq, "write_table", fails_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        log_format.write_parquet(fs, f"{bucket}/log/model=fraud/date=2026-03-01", table)
+    assert fs.find(bucket) == []
+    monkeypatch.undo()
+    path = log_format.write_parquet(fs, f"{bucket}/log/model=fraud/date=2026-03-01", table)
+    assert fs.find(bucket) == [path]
