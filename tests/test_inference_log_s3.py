@@ -436,7 +436,7 @@ def test_a_write_that_fails_halfway_publishes_nothing(
 
     fs = s3fs.S3FileSystem()
     table = log_format.records_table([rec(1)])
-    monkeypatch.setattr(log_format.pq, "write_table", fails_halfway)
+    monkeypatch.setattr("pyarrow.parquet.write_table", fails_halfway)
     with pytest.raises(OSError, match="disk full"):
         log_format.write_parquet(fs, f"{bucket}/log/model=fraud/date=2026-03-01", table)
     assert fs.find(bucket) == []
