@@ -12,7 +12,7 @@ import hashlib
 import posixpath
 
 from stagegate.errors import NotFoundError
-from stagegate.serving.inference_log.format import open_root, segment
+from stagegate.serving.inference_log.format import is_object_store, open_root, segment
 
 REPORTS_DIR = "_reports"
 
@@ -23,9 +23,9 @@ def save(log_url: str, model: str, name: str, html: str) -> tuple[str, str]:
     data = gzip.compress(html.encode(), compresslevel=6, mtime=0)
     relative = f"{REPORTS_DIR}/{segment('model', model)}/{name}.html.gz"
     fs, root = open_root(log_url)
-    fs.makedirs(posixpath.dirname(f"{root}/{relative}"), exist_ok=True)
-    with fs.open(f"{root}/{relative}", "wb") as f:  # small; written whole, then read whole
-        f.write(data)
+    if not is_object_store(fs):  # an object store has no folders (s3fs would make a bucket)
+        fs.makedirs(posixpath.dirname(f"{root}/{relative}"), exist_ok=True)
+    fs.pipe_file(f"{root}/{relative}", data)  # small: sent whole (one PUT), then read whole
     return relative, hashlib.sha256(data).hexdigest()
 
 

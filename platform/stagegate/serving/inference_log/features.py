@@ -39,7 +39,7 @@ from stagegate.serving.inference_log.format import (
     TIMESTAMP,
     FileSystem,
     arrow_filesystem,
-    open_root,
+    open_for_reading,
     partition_dir,
     utc,
     write_parquet,
@@ -376,7 +376,7 @@ def read_features(
     """
     start = None if since is None else aware(since, "since")
     end = None if until is None else aware(until, "until")
-    fs, root = open_root(root_url)
+    fs, root = open_for_reading(root_url)
     files = _window_files(fs, partition_dir(f"{root}/{FEATURES_DIR}", model=model), start, end)
     if not files:
         return META_SCHEMA.empty_table()

@@ -68,14 +68,57 @@ def loads(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
+# Object stores publish an object only when its upload completes, and their folders are only
+# key prefixes: nothing to create, and s3fs's makedirs would create a missing bucket.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+
+
 def open_root(root_url: str) -> tuple[FileSystem, str]:
-    """The filesystem and root path of an fsspec URL (a plain path is a local folder)."""
+    """The filesystem and root path of an fsspec URL (a plain path is a local folder).
+
+    Credentials and endpoint come from the filesystem's own configuration: for `s3://`, the
+    standard AWS variables (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for MinIO and the like)."""
     fs, path = fsspec.core.url_to_fs(root_url)
+    if not is_local(fs):
+        # No cached listings: other processes keep adding files, and a long-lived reader's
+        # cache (fsspec keeps one per filesystem instance, without expiry) would hide them.
+        fs, path = fsspec.core.url_to_fs(root_url, use_listings_cache=False)
     return fs, str(path).rstrip("/")
 
 
 def is_local(fs: FileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def is_object_store(fs: FileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return not OBJECT_STORES.isdisjoint(protocols)
+
+
+def check_bucket(fs: FileSystem, root: str, root_url: str) -> None:
+    """On an object store, fail clearly when the log's bucket is missing or refused, rather
+    than reading it as an empty log. Needs list rights on the bucket (readers need them)."""
+    if not is_object_store(fs):
+        return
+    bucket = root.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"inference log {root_url}: the bucket {bucket!r} does not exist"
+        ) from exc
+    except PermissionError as exc:
+        raise PermissionError(
+            f"inference log {root_url}: access to the bucket {bucket!r} was refused ({exc});"
+            " check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
+        ) from exc
+
+
+def open_for_reading(root_url: str) -> tuple[FileSystem, str]:
+    """`open_root`, and the bucket checked (one request) on object stores."""
+    fs, root = open_root(root_url)
+    check_bucket(fs, root, root_url)
+    return fs, root
 
 
 def arrow_filesystem(fs: FileSystem) -> Any:
@@ -139,7 +182,8 @@ def write_parquet(
     ordered: bool = False,
     dictionary: bool | list[str] = True,
 ) -> str:
-    """Write one whole file that readers either see complete or not at all (locally).
+    """Write one whole file that readers either see complete or not at all (locally and on
+    object stores).
 
     `ordered` puts the write time (ns) in the name, so the files of a folder list in the order
     they were written (`part-<time>-<uuid>.parquet`). `dictionary`: the columns to dictionary-
@@ -148,11 +192,15 @@ def write_parquet(
     stamp = f"{time.time_ns():020d}-" if ordered else ""
     name = f"part-{stamp}{uuid.uuid4().hex}.parquet"
     if not is_local(fs):
-        # Object stores publish an object only when its upload completes; other remote
-        # filesystems may show a partial file while it is being written.
-        fs.makedirs(directory, exist_ok=True)
-        with fs.open(f"{directory}/{name}", "wb") as f:
-            pq.write_table(table, f, **options)
+        # Encoded in memory, then sent to its final name in one call (object stores have no
+        # rename): an object store (S3) publishes it only when the upload completes, and a
+        # failed encoding sends nothing (fsspec's files upload what they hold when closed, even
+        # by an exception). Other remote filesystems may show a partial file while it is sent.
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **options)
+        if not is_object_store(fs):
+            fs.makedirs(directory, exist_ok=True)
+        fs.pipe_file(f"{directory}/{name}", sink.getvalue().to_pybytes())
         return f"{directory}/{name}"
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, name)

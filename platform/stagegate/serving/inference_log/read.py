@@ -19,7 +19,7 @@ from stagegate.serving.inference_log.format import (
     FileSystem,
     arrow_filesystem,
     is_local,
-    open_root,
+    open_for_reading,
     partition_dir,
     record_glob,
     utc,
@@ -41,7 +41,7 @@ def read_records(
     until: datetime | None = None,
 ) -> Any:
     """Records with since <= at < until, ordered by `at`; an empty table if there are none."""
-    fs, root = open_root(root_url)
+    fs, root = open_for_reading(root_url)
     base = partition_dir(root, model=model) if model is not None else root
     if not fs.exists(base):
         return RECORD_SCHEMA.empty_table()
@@ -82,7 +82,7 @@ def connect(root_url: str, *, model: str | None = None) -> duckdb.DuckDBPyConnec
     `at` is a reserved word in DuckDB 2: write it `"at"` in SQL.
     `model` limits the `inference` view to that model's files, which saves listing the others.
     """
-    fs, root = open_root(root_url)
+    fs, root = open_for_reading(root_url)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     if not is_local(fs):

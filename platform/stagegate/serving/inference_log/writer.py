@@ -10,6 +10,8 @@ traffic, whichever is smaller, plus what arrived while the last batch was being 
 order, so what survives in a partition is a gap-free prefix of what was appended (unless a
 write failed and is being retried). Files are fsynced before they are renamed into place,
 but their folders are not: a power loss may lose the last files, never leave a torn one.
+On an object store (`s3://bucket/prefix`) each file is one PUT of the whole encoded file,
+which the store publishes only once complete: readers see whole files there too.
 
 Features. Once a batch's records are written, the same thread decodes their request bodies
 into typed feature rows (`features.py`): that work never touches the request path, and a body
@@ -38,6 +40,8 @@ from stagegate.serving.inference_log.features import (
     read_features,
 )
 from stagegate.serving.inference_log.format import (
+    FileSystem,
+    check_bucket,
     open_root,
     partition_dir,
     records_from_table,
@@ -73,8 +77,23 @@ log = logging.getLogger(__name__)
 _Part = tuple[str, date, list[InferenceRecord]]  # one partition's records: model, date, records
 
 
+def _check_storage(fs: FileSystem, root: str, root_url: str) -> None:
+    """A missing bucket stops the writer at once (it would only ever drop records). A refusal
+    or an unreachable store is logged and left to the writes: write-only credentials cannot
+    see the bucket, and a store that is down may come back."""
+    try:
+        check_bucket(fs, root, root_url)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        log.warning("inference log %s: could not check the bucket: %s", root_url, exc)
+
+
 class LocalInferenceLog:
-    """An `InferenceLogWriter` onto any fsspec URL (a local folder by default)."""
+    """An `InferenceLogWriter` onto any fsspec URL (a local folder by default).
+
+    On an object store, a missing bucket raises FileNotFoundError here (it is never created);
+    refused credentials only show in the failed writes, logged and retried."""
 
     def __init__(
         self,
@@ -92,6 +111,7 @@ class LocalInferenceLog:
         if features_flush_rows < 1 or features_flush_interval_s <= 0:
             raise ValueError("need features_flush_rows >= 1 and features_flush_interval_s > 0")
         self._fs, self._root = open_root(root_url)
+        _check_storage(self._fs, self._root, root_url)
         self._flush_rows = flush_rows
         self._interval = flush_interval_s
         self._max_buffer = max_buffer_rows
