@@ -27,6 +27,7 @@ class Runtime:
         self.plane = DataPlane(
             LocalBackend(settings.serving_root, tracking_uri=settings.mlflow.tracking_uri),
             router_url=settings.serving.router_url,
+            router_token=settings.serving.router_admin_token,
             device=settings.serving.device,
             log_url=settings.inference_log_url,
         )
