@@ -342,7 +342,7 @@ def summarize(results: list[Result], wall_s: float, rate: float) -> dict[str, An
 
 
 @contextlib.contextmanager
-def api_server(url: str, home: Path, events_url: str) -> Iterator[str]:
+def api_server(url: str, home: Path, events_url: str, extra_args: list[str]) -> Iterator[str]:
     port = free_port()
     env = {
         **os.environ,
@@ -356,7 +356,7 @@ def api_server(url: str, home: Path, events_url: str) -> Iterator[str]:
     }
     argv = [sys.executable, "-m", "uvicorn", "stagegate.api.app:create_app", "--factory"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    argv += ["--log-level", "warning"]
+    argv += ["--log-level", "warning", *extra_args]
     log = (home / "api.log").open("wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -374,7 +374,13 @@ def api_server(url: str, home: Path, events_url: str) -> Iterator[str]:
 
 
 def run_backend(
-    name: str, url: str, home: Path, events_url: str, rate: float, duration_s: float
+    name: str,
+    url: str,
+    home: Path,
+    events_url: str,
+    rate: float,
+    duration_s: float,
+    extra_args: list[str],
 ) -> dict[str, Any]:
     rng = random.Random(7)
     decisions = math.ceil(rate * duration_s * (1 - READ_SHARE) * 1.3) + 20
@@ -386,7 +392,7 @@ def run_backend(
         flush=True,
     )
     home.mkdir(parents=True, exist_ok=True)
-    with api_server(url, home, events_url) as base:
+    with api_server(url, home, events_url, extra_args) as base:
         plan = Plan(seeded, random.Random(11), list(seeded.pending))
         results, wall = asyncio.run(drive(base, plan, rate, duration_s))
     summary = summarize(results, wall, rate)
@@ -437,7 +443,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 s per database")
     parser.add_argument("--rate", type=float, default=200.0, help="fixed rate, requests/s")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per database")
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--databases", default="sqlite,postgres", help="which of sqlite,postgres to load"
+    )
+    parser.add_argument(
+        "--uvicorn-args", default="", help="extra uvicorn flags, e.g. '--limit-concurrency 32'"
+    )
     parser.add_argument("--serve-events", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_events:
@@ -470,25 +481,35 @@ def main() -> None:
         events_url = f"http://127.0.0.1:{events_port}/api"
         try:
             wait_http(f"{events_url}/health", stub)
-            out["sqlite"] = run_backend(
-                "sqlite",
-                f"sqlite:///{tmp / 'governance.db'}",
-                tmp / "home-sqlite",
-                events_url,
-                args.rate,
-                duration,
-            )
-            if args.no_postgres:
-                out["postgres"] = None
-                out["postgres_skipped"] = "--no-postgres"
+            databases = set(args.databases.split(","))
+            extra = args.uvicorn_args.split()
+            out["sqlite"] = out["postgres"] = None
+            if "sqlite" in databases:
+                sqlite_url = f"sqlite:///{tmp / 'governance.db'}"
+                out["sqlite"] = run_backend(
+                    "sqlite",
+                    sqlite_url,
+                    tmp / "home-sqlite",
+                    events_url,
+                    args.rate,
+                    duration,
+                    extra,
+                )
+            if "postgres" not in databases:
+                out["postgres_skipped"] = "--databases"
             else:
                 with postgres(tmp) as pg_url:
                     if pg_url is None:
-                        out["postgres"] = None
                         out["postgres_skipped"] = "PostgreSQL could not start (see above)"
                     else:
                         out["postgres"] = run_backend(
-                            "postgres", pg_url, tmp / "home-pg", events_url, args.rate, duration
+                            "postgres",
+                            pg_url,
+                            tmp / "home-pg",
+                            events_url,
+                            args.rate,
+                            duration,
+                            extra,
                         )
         finally:
             stub.terminate()
