@@ -402,7 +402,8 @@ def run_backend(
             for line in (home / "api.log").read_text(errors="replace").splitlines()
             if "Error" in line or "error" in line
         ]
-        print(f"{name}: API log errors (last 5 of {len(errors)}):", *errors[-5:], sep="\n  ")
+        if errors:
+            print(f"{name}: API log errors (last 5 of {len(errors)}):", *errors[-5:], sep="\n  ")
     print(
         f"{name}: {summary['rps']} rps ({summary['requests']} requests, {wall:.1f} s), "
         f"p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms "
