@@ -141,6 +141,7 @@ def router(
     """Route model traffic by policy: champion/challenger, shadow mirrors, fallback.
 
     Reloads the policy on SIGHUP and when the file changes; drains on SIGTERM.
+    /policies and /metrics need the bearer token STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN.
     """
     import logging
 
@@ -148,15 +149,24 @@ def router(
     from stagegate.serving.router.config import policy_source
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    settings = get_settings()
+    admin_token = settings.serving.router_admin_token
+    if admin_token is None:
+        if settings.mode == "prod":
+            raise _fail("prod mode: set STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN (guards /policies)")
+        logging.getLogger("stagegate.router").warning(
+            "no STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN: /policies and /metrics are open"
+        )
     app_ = router_mod.Router(
         policy_source(policy),
         router_mod.writer_for(
             log_dir,
             features_flush_interval_s=features_flush_s
-            or get_settings().serving.log_features_flush_interval_s,
+            or settings.serving.log_features_flush_interval_s,
         ),
         shadow_queue_size=shadow_queue,
         shadow_workers=shadow_workers,
+        admin_token=admin_token,
     )
     try:
         router_mod.serve(app_, host=host, port=port, log_level=log_level)

@@ -366,10 +366,18 @@ class Demo:
         """Wait until the router serves the new stage (endpoint sync follows the commit).
 
         False when there is nothing to route yet: no champion means no route at all."""
+        from stagegate import stack
+
         arm = DEPLOYMENT_ROLE[Stage(stage)].value
+        token = stack.effective_router_admin_token(self.settings, stack.load_secrets(self.settings))
+        admin = {"Authorization": f"Bearer {token}"} if token else {}
 
         def routed() -> dict[str, Any] | None:
-            doc = self.api.get(f"{self.settings.serving.router_url}/policies").json()
+            url = f"{self.settings.serving.router_url}/policies"
+            r = self.api.get(url, headers=admin)
+            if r.status_code == 401:
+                raise DemoFailed(f"the router refused its /policies: {r.text}")
+            doc = r.json()
             return next((p for p in doc.get("policies", []) if p["model"] == self.model), None)
 
         if stage != "production" and routed() is None:

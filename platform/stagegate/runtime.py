@@ -34,6 +34,7 @@ class Runtime:
         self.plane = DataPlane(
             serving_backend(settings, self.engine),
             router_url=settings.serving.router_url,
+            router_token=settings.serving.router_admin_token,
             device=settings.serving.device,
             log_url=settings.inference_log_url,
         )

@@ -115,6 +115,12 @@ class ServingSettings(BaseModel):
         "long for a file of 100,000 rows; the drift check sees traffic only once written.",
     )
     router_port: int = Field(default=8770, description="Port of the embedded traffic router.")
+    router_admin_token: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Bearer token the router requires on /policies and /metrics (converge and "
+        "Prometheus send it); the embedded stack generates one. None: open, dev mode only.",
+    )
     device: str = Field(
         default="auto", description="Device for model servers: auto, cpu or cuda[:N]."
     )
@@ -259,6 +265,11 @@ class Settings(BaseSettings):
             problems.append("STAGEGATE_WEBHOOK__SECRET must be set")
         elif len(self.webhook.secret.encode()) < MIN_SECRET_BYTES:
             problems.append(f"STAGEGATE_WEBHOOK__SECRET needs at least {MIN_SECRET_BYTES} bytes")
+        token = self.serving.router_admin_token
+        if token is not None and len(token.encode()) < MIN_SECRET_BYTES:
+            problems.append(
+                f"STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN needs at least {MIN_SECRET_BYTES} bytes"
+            )
         if self.alerts.secret is not None and len(self.alerts.secret.encode()) < MIN_SECRET_BYTES:
             problems.append(f"STAGEGATE_ALERTS__SECRET needs at least {MIN_SECRET_BYTES} bytes")
         if self.database_url.startswith("sqlite"):

@@ -183,6 +183,22 @@ def list_models(session: Session, *, offset: int, limit: int) -> tuple[list[Regi
     return list(rows), total
 
 
+def versions_of(session: Session, names: Sequence[str]) -> dict[str, list[ModelVersion]]:
+    """Each named model's versions in order, in one query: a page of models would otherwise
+    cost a query per model (N+1)."""
+    grouped: dict[str, list[ModelVersion]] = {name: [] for name in names}
+    if not grouped:
+        return grouped
+    rows = session.exec(
+        select(ModelVersion)
+        .where(col(ModelVersion.model_name).in_(list(grouped)))
+        .order_by(col(ModelVersion.model_name), col(ModelVersion.version))
+    ).all()
+    for row in rows:
+        grouped[row.model_name].append(row)
+    return grouped
+
+
 def list_versions(session: Session, name: str) -> list[ModelVersion]:
     get_model(session, name)
     return list(

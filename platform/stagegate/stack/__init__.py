@@ -3,6 +3,7 @@
 from stagegate.stack.secrets import (
     StackSecrets,
     effective_alert_secret,
+    effective_router_admin_token,
     effective_webhook_secret,
     load_secrets,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "default_specs",
     "down",
     "effective_alert_secret",
+    "effective_router_admin_token",
     "effective_webhook_secret",
     "load_secrets",
     "status",

@@ -27,6 +27,10 @@ class StackSecrets(BaseModel):
     alert_secret: str | None = Field(
         default=None, description="HMAC secret that signs drift alerts (see docs/monitoring.md)."
     )
+    router_admin_token: str | None = Field(
+        default=None,
+        description="Bearer token of the router's /policies and /metrics (docs/serving.md).",
+    )
 
 
 def secrets_file(settings: Settings) -> Path:
@@ -49,6 +53,8 @@ def load_secrets(settings: Settings) -> StackSecrets:
         missing["router_token"] = _router_token()
     if loaded.alert_secret is None:
         missing["alert_secret"] = secrets.token_urlsafe(32)
+    if loaded.router_admin_token is None:
+        missing["router_admin_token"] = secrets.token_urlsafe(32)
     if missing:
         loaded = loaded.model_copy(update=missing)
         _write(path, loaded, replace=True)
@@ -65,6 +71,7 @@ def _create(path: Path) -> None:
         mlflow_fernet_key=Fernet.generate_key().decode(),
         router_token=_router_token(),
         alert_secret=secrets.token_urlsafe(32),
+        router_admin_token=secrets.token_urlsafe(32),
     )
     _write(path, fresh, replace=False)
 
@@ -89,6 +96,11 @@ def _write(path: Path, content: StackSecrets, *, replace: bool) -> None:
 
 def effective_alert_secret(settings: Settings, secrets: StackSecrets) -> str | None:
     return settings.alerts.secret or secrets.alert_secret
+
+
+def effective_router_admin_token(settings: Settings, secrets: StackSecrets) -> str | None:
+    """An explicitly configured token wins over the generated one, so both sides agree."""
+    return settings.serving.router_admin_token or secrets.router_admin_token
 
 
 def effective_webhook_secret(settings: Settings, secrets: StackSecrets) -> str:

@@ -11,7 +11,12 @@ from urllib.parse import urlsplit
 
 from stagegate.errors import PermanentError
 from stagegate.settings import Settings
-from stagegate.stack.secrets import StackSecrets, effective_alert_secret, effective_webhook_secret
+from stagegate.stack.secrets import (
+    StackSecrets,
+    effective_alert_secret,
+    effective_router_admin_token,
+    effective_webhook_secret,
+)
 from stagegate.supervise.spec import HealthCheck, ServiceSpec
 
 SERVICE_NAMES = ("mlflow", "prefect", "api", "worker", "router")
@@ -178,6 +183,9 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         port=settings.api.port,
     )
 
+    # Only the router and the worker (converge) hold the router's admin token, not the API.
+    admin_token = effective_router_admin_token(settings, secrets)
+    admin_env = {"STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN": admin_token} if admin_token else {}
     console_script = bin_dir / "stagegate"
     worker_argv = (
         [str(console_script), "worker"]
@@ -190,6 +198,7 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         env={
             **app_env,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **admin_env,  # converge reads the router's /policies
         },
         health_check=HealthCheck(ready_file=worker_ready_file(settings)),
         depends_on=("api", "prefect"),
@@ -204,7 +213,7 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
             *("--log-dir", settings.inference_log_url),
             *_flags(host="127.0.0.1", port=settings.serving.router_port),
         ],
-        env={**app_env, "STAGEGATE_ROUTER_TOKEN": secrets.router_token or ""},
+        env={**app_env, "STAGEGATE_ROUTER_TOKEN": secrets.router_token or "", **admin_env},
         health_check=HealthCheck(url=f"{settings.serving.router_url}/health"),
         depends_on=("api",),
         url=urls["router"],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from stagegate.db import Engine, transaction
-from stagegate.errors import ConflictError, RetryableError
+from stagegate.errors import ConflictError, PermanentError, RetryableError
 from stagegate.events.announce import announce_applied
 from stagegate.events.sink import EventSink
 from stagegate.governance import endpoints
@@ -43,6 +43,7 @@ class DataPlane:
     device: str = "auto"
     reload_timeout_s: float = 15.0
     log_url: str | None = None  # None: reconcile cannot decide reports
+    router_token: str | None = None  # the router's admin token, for its /policies
 
 
 @dataclass
@@ -70,13 +71,27 @@ def _route(model: str, spec: EndpointSpec, arms: dict[DeploymentRole, Arm]) -> T
 
 
 def wait_for_router(
-    router_url: str, model: str, generation: int, *, routed: bool, timeout_s: float
+    router_url: str,
+    model: str,
+    generation: int,
+    *,
+    routed: bool,
+    timeout_s: float,
+    token: str | None = None,
 ) -> None:
     """Wait until the router serves `generation` of `model` (or, unrouted, no route for it)."""
     deadline = time.monotonic() + timeout_s
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     while True:
         try:
-            doc = httpx.get(f"{router_url}/policies", timeout=2, trust_env=False).json()
+            url = f"{router_url}/policies"
+            answer = httpx.get(url, headers=headers, timeout=2, trust_env=False)
+            if answer.status_code == 401:  # a wrong or missing token does not fix itself
+                raise PermanentError(
+                    f"router at {router_url} refused its /policies: {answer.text[:200]} "
+                    "(STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN)"
+                )
+            doc = answer.json()
             have = next((p for p in doc.get("policies", []) if p.get("model") == model), None)
             served = None if have is None else int(have.get("generation", 0))
             # A newer generation than ours counts too: it replaced what we published.
@@ -133,6 +148,7 @@ def _converge_once(engine: Engine, sink: EventSink, plane: DataPlane, model: str
             generation,
             routed=route is not None,
             timeout_s=plane.reload_timeout_s,
+            token=plane.router_token,
         )
     with transaction(engine, read_only=True) as session:
         # A newer desired state may already want a version this one dropped: keep those too.

@@ -48,9 +48,10 @@ def list_models(
     limit: Annotated[int, Query(ge=1, le=schemas.MAX_PAGE)] = 50,
 ) -> schemas.ModelsPublic:
     rows, total = versions.list_models(session, offset=offset, limit=limit)
+    versions_by_model = versions.versions_of(session, [m.name for m in rows])
     data = []
     for m in rows:
-        vs = versions.list_versions(session, m.name)
+        vs = versions_by_model[m.name]
         champion = next((v.version for v in vs if v.stage is Stage.production), None)
         data.append(
             schemas.ModelPublic(

@@ -3,7 +3,8 @@
 A raw ASGI app (no framework on the hot path) served by uvicorn with uvloop and httptools:
 
 - `POST /models/{name}/invocations` forwards the body to the chosen arm's `{url}/invocations`.
-- `GET /health`, `GET /metrics` (Prometheus), `GET /policies` (the config in force).
+- `GET /health` (open, for probes); `GET /metrics` (Prometheus) and `GET /policies` (the config
+  in force), which need `Authorization: Bearer <admin token>` when the router has one.
 
 It reloads its policy on SIGHUP and when the source changes, and drains on SIGTERM.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 import random
 import re
@@ -56,6 +58,7 @@ TRANSPORT_FAILURE = 599  # what the log and metrics record for "no HTTP answer"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _UNPARSED: Any = object()
 _JSON = b"application/json"
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="stagegate-router"')
 
 
 @dataclass(slots=True)
@@ -97,7 +100,12 @@ class Router:
         shadow_drain_s: float = 2.0,
         max_body_bytes: int = 16 * 2**20,
         seed: int | None = None,
+        admin_token: str | None = None,
     ) -> None:
+        """`admin_token`: what `/metrics` and `/policies` require; None leaves them open."""
+        if admin_token is not None and not admin_token:
+            raise ValueError("admin_token must not be empty (None leaves the admin paths open)")
+        self._admin_token = None if admin_token is None else admin_token.encode()
         self.metrics = RouterMetrics()
         self.store = PolicyStore(source, on_result=lambda r: self.metrics.reloads.labels(r).inc())
         self._writer = writer
@@ -167,10 +175,14 @@ class Router:
                     await self._invoke(scope, receive, send, path[8:-12])
             elif path == "/health":
                 await self._health(send)
-            elif path == "/metrics":
-                await _reply(send, 200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())
-            elif path == "/policies":
-                await self._policies(send)
+            elif path in ("/metrics", "/policies"):
+                refusal = self._refusal(scope)
+                if refusal is not None:
+                    await _json(send, 401, refusal, [_CHALLENGE])
+                elif path == "/metrics":
+                    await _reply(send, 200, self.metrics.render(), CONTENT_TYPE_LATEST.encode())
+                else:
+                    await self._policies(send)
             else:
                 await _json(send, 404, {"detail": f"no route {path}", "code": "not_found"})
         elif kind == "lifespan":
@@ -190,6 +202,20 @@ class Router:
                 await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _refusal(self, scope: Scope) -> dict[str, str] | None:
+        """Why an admin request is refused (None: admitted). /policies tells where every model
+        server listens and /metrics what traffic each gets: not for anyone who can connect."""
+        if self._admin_token is None:
+            return None
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if given is None:
+            return {"detail": "missing bearer token", "code": "unauthenticated"}
+        scheme, _, token = given.partition(b" ")
+        # Constant time: how long the comparison takes says nothing about the token.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._admin_token):
+            return {"detail": "wrong router admin token", "code": "unauthenticated"}
+        return None
 
     async def _health(self, send: Send) -> None:
         table = self.store.table
