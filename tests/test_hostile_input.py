@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -205,3 +206,54 @@ def test_a_single_valued_query_parameter_given_twice_is_422(
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["type"] == "multiple_values"
     assert r.json()["detail"][0]["loc"] == ["query", "status"]
+
+
+def test_requests_beyond_the_in_flight_cap_wait_then_get_a_json_503() -> None:
+    """A flood waits on the event loop instead of holding threads and connections; one that
+    waits too long gets a 503 with Retry-After, in the API's JSON error shape."""
+    import asyncio
+
+    from stagegate.api.limits import RequestLimits
+
+    release = asyncio.Event()
+    served: list[str] = []
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        served.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limits = RequestLimits(
+        slow_app, max_body_bytes=1024, max_json_depth=8, max_in_flight=2, queue_timeout_s=0.2
+    )
+
+    async def call(path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await limits({"type": "http", "path": path, "headers": []}, receive, send)
+        return sent
+
+    async def scenario() -> list[list[dict[str, Any]]]:
+        first = [asyncio.create_task(call(f"/a{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await call("/b")  # waits 0.2 s for a slot, then gives up
+        release.set()
+        return [refused, *await asyncio.gather(*first), await call("/c")]
+
+    refused, one, two, after = asyncio.run(scenario())
+    start = refused[0]
+    assert start["status"] == 503
+    assert (b"retry-after", b"1") in start["headers"]
+    assert json.loads(refused[1]["body"]) == {
+        "detail": "the API is at capacity; retry",
+        "code": "retryable",
+    }
+    assert [m["status"] for m in (one[0], two[0], after[0])] == [200, 200, 200]
+    assert served == ["/a0", "/a1", "/c"]  # the refused request never reached the app

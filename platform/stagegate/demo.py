@@ -362,40 +362,41 @@ class Demo:
         verdict = "[green]passed[/]" if report["passed"] else "[red]failed[/]"
         self.say(f"   {kind} flow: report {verdict} ({report['reason']}; {waited:.1f} s)")
 
+    def router_policy(self) -> dict[str, Any] | None:
+        """The traffic policy the router serves for the demo's model (its admin path needs
+        the router's token), or None while it routes none."""
+        from stagegate import stack
+
+        token = stack.effective_router_admin_token(self.settings, stack.load_secrets(self.settings))
+        admin = {"Authorization": f"Bearer {token}"} if token else {}
+        r = self.api.get(f"{self.settings.serving.router_url}/policies", headers=admin)
+        if r.status_code == 401:
+            raise DemoFailed(f"the router refused its /policies: {r.text}")
+        doc = r.json()
+        return next((p for p in doc.get("policies", []) if p["model"] == self.model), None)
+
     def wait_routed(self, version: int, stage: str) -> bool:
         """Wait until the router serves the new stage (endpoint sync follows the commit).
 
         False when there is nothing to route yet: no champion means no route at all."""
-        from stagegate import stack
-
         arm = DEPLOYMENT_ROLE[Stage(stage)].value
-        token = stack.effective_router_admin_token(self.settings, stack.load_secrets(self.settings))
-        admin = {"Authorization": f"Bearer {token}"} if token else {}
-
-        def routed() -> dict[str, Any] | None:
-            url = f"{self.settings.serving.router_url}/policies"
-            r = self.api.get(url, headers=admin)
-            if r.status_code == 401:
-                raise DemoFailed(f"the router refused its /policies: {r.text}")
-            doc = r.json()
-            return next((p for p in doc.get("policies", []) if p["model"] == self.model), None)
-
-        if stage != "production" and routed() is None:
+        if stage != "production" and self.router_policy() is None:
             return False
         _, waited = self.wait_for(
             f"the router to route v{version} as {arm}",
-            lambda: (p := routed()) is not None and (p.get(arm) or {}).get("version") == version,
+            lambda: (
+                (p := self.router_policy()) is not None
+                and (p.get(arm) or {}).get("version") == version
+            ),
         )
         self.say(f"   endpoint: router sends v{version} the {arm} role ({waited:.1f} s later)")
         return True
 
     def challenger_version(self) -> int | None:
         """The version the router now sends the challenger's share, if any."""
-        doc = self.api.get(f"{self.settings.serving.router_url}/policies").json()
-        policy: dict[str, Any] = next(
-            (p for p in doc.get("policies", []) if p["model"] == self.model), {}
-        )
-        return (policy.get("challenger") or {}).get("version")
+        policy = self.router_policy() or {}
+        version: int | None = (policy.get("challenger") or {}).get("version")
+        return version
 
     def bodies(self, requests: int, drifted: bool) -> list[dict[str, Any]]:
         """One held-out row a request; drifted: f0 shifted by 3 and a channel never seen."""

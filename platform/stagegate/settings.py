@@ -62,6 +62,16 @@ class ApiSettings(BaseModel):
     max_json_depth: int = Field(
         default=32, ge=2, description="JSON bodies nested deeper are refused (422) unparsed."
     )
+    max_in_flight: int = Field(
+        default=12,
+        ge=1,
+        le=1000,
+        description="Requests handled at once; keep it below the database pool (15 by "
+        "default). More wait, without holding a thread or a connection.",
+    )
+    queue_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="A waiting request gets 503 after this long."
+    )
 
     @property
     def url(self) -> str:

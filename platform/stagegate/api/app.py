@@ -63,6 +63,8 @@ def create_app(
         RequestLimits,
         max_body_bytes=settings.api.max_body_bytes,
         max_json_depth=settings.api.max_json_depth,
+        max_in_flight=settings.api.max_in_flight,
+        queue_timeout_s=settings.api.queue_timeout_s,
     )
     for router in ROUTERS:
         app.include_router(router)

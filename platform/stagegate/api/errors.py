@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stagegate.api.deps import Unauthenticated
@@ -126,6 +127,11 @@ def install(app: FastAPI) -> None:
     async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
         log.info("integrity conflict: %s", exc.orig)
         return _body("conflicting concurrent change; retry", "conflict", 409)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_busy(_: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("database pool exhausted: %s", exc)
+        return _body("database busy; retry", "retryable", 503, {"Retry-After": "1"})
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:

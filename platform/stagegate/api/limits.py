@@ -8,6 +8,7 @@ Python's parser recurses into it. Numbers that reach the database are bounded to
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -55,17 +56,46 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 
 
 class RequestLimits:
-    """Pure ASGI middleware: 413 for a body too large, 422 for JSON nested too deep."""
+    """Pure ASGI middleware: 413 for a body too large, 422 for JSON nested too deep, and a
+    cap on requests in flight.
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_json_depth: int) -> None:
+    The cap matters under load: each request's sync dependencies and handler take separate
+    trips through the thread pool while holding a database connection, so past the pool's
+    size threads wait on connections held by requests that wait on threads, and nothing moves
+    until a timeout. Requests beyond `max_in_flight` wait here, on the event loop, at no cost
+    in threads or connections, and get a 503 with Retry-After after `queue_timeout_s`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_json_depth: int,
+        max_in_flight: int = 12,
+        queue_timeout_s: float = 10.0,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_json_depth = max_json_depth
+        self.queue_timeout_s = queue_timeout_s
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            await _refuse(send, 503, "the API is at capacity; retry", "retryable", retry_after=1)
+            return
+        try:
+            await self._limited(scope, receive, send)
+        finally:
+            self._slots.release()
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -108,18 +138,17 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _refuse(send: Send, status: int, detail: str, code: str) -> None:
+async def _refuse(
+    send: Send, status: int, detail: str, code: str, *, retry_after: int | None = None
+) -> None:
     payload: Any = {"detail": detail, "code": code}
     body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
