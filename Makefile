@@ -18,6 +18,17 @@ $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# The model server's PyTorch tests need torch, which the locks leave out: its wheels are large
+# and only `mlflow.pytorch` models use it (the `torch` extra in pyproject.toml). Installed with
+# the venv's pip after every sync (uv pip sync removes it). For the CPU wheel on a fresh clone,
+# pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION := 2.13.0
+TORCH_PIP_ARGS ?=
+TORCH_STAMP := $(VENV)/.torch
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/stagegate demo
 
@@ -42,7 +53,7 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
-pytest: $(STAMP) debs
+pytest: $(STAMP) $(TORCH_STAMP) debs
 	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
 	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
