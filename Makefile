@@ -75,7 +75,7 @@ bench-debs:
 	fi
 
 # Each benchmark prints one JSON object as its last line; BENCH_ARGS=--quick for a short run.
-bench: $(STAMP) bench-debs
+bench: $(STAMP) $(TORCH_STAMP) bench-debs
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
 
 # requirements.lock: what the image installs; requirements-dev.lock adds the test tools.

@@ -201,6 +201,19 @@ def batch_stats(url: str) -> dict[str, float]:
     }
 
 
+def pyfunc_one_row_ms(pyfunc: Any, body: bytes) -> float:
+    """What the same one-row request costs through pyfunc alone (mlflow's parse and predict)."""
+    from stagegate.serving.model_server.loader import PyfuncScorer
+
+    scorer = PyfuncScorer(pyfunc)
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        scorer.predict([scorer.parse(body, "application/json")])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
 def measure_server(
     url: str, rows: np.ndarray[Any, Any], formats: list[str], seconds: float
 ) -> dict[str, Any]:
@@ -223,7 +236,15 @@ def measure_server(
                 f"{r['p99_ms']:8.2f} ms  batch {r['mean_batch_rows']:.0f} rows  "
                 f"errors {r['errors']}"
             )
+    # The request the issue timed at 26 ms through pyfunc: one row, dataframe_split, alone.
+    one_row = one_row_body(rows)
+    results["dataframe_split_row1_c1"] = load(url, one_row, "application/json", 1, 3.0)
     return results
+
+
+def one_row_body(rows: np.ndarray[Any, Any]) -> bytes:
+    split = {"columns": [str(i) for i in range(WIDTH)], "data": rows[:1].tolist()}
+    return json.dumps({"dataframe_split": split}).encode()
 
 
 def main() -> None:
@@ -268,11 +289,17 @@ def main() -> None:
             got = np.asarray(post(url, *request_body(check_rows, "json"))["predictions"])
             served_diff = float(np.abs(got - want).max())
             results = measure_server(url, rows, formats, seconds)
+        pyfunc_row1_ms = pyfunc_one_row_ms(pyfunc, one_row_body(rows))
         raw_after = raw_rows_per_s(net, device, seconds)
     # Best of two: on a shared machine a burst of other work can slow one measure down.
     print(f"raw forward, batch {RAW_BATCH}, again: {raw_after:,.0f} rows/s")
     raw = max(raw, raw_after)
 
+    row1 = results.pop("dataframe_split_row1_c1")
+    print(
+        f"one-row dataframe_split at 1 connection: p50 {row1['p50_ms']:.2f} ms served; "
+        f"pyfunc parse + predict in process {pyfunc_row1_ms:.2f} ms"
+    )
     best_name = max(results, key=lambda k: results[k]["rows_per_s"])
     best = results[best_name]
     agree = served_diff <= TOLERANCE and (cross is None or cross <= TOLERANCE)
@@ -297,6 +324,8 @@ def main() -> None:
                 "cuda_vs_cpu_max_abs": cross,
                 "agree_within_1e-4": agree,
                 "fast_path": version.get("fast_path"),
+                "row1_split_p50_ms": row1["p50_ms"],
+                "pyfunc_row1_split_ms": round(pyfunc_row1_ms, 3),
                 "scenarios": results,
             }
         )
