@@ -347,7 +347,7 @@ def test_server_merges_concurrent_inputs_requests_and_answers_as_pyfunc(
 
 
 @pytest.mark.slow
-def test_server_reads_csv_and_parquet_into_the_same_batches(server: str, saved: Saved) -> None:
+def test_server_reads_csv_and_parquet_as_tensor_rows(server: str, saved: Saved) -> None:
     frame = pd.DataFrame(saved.rows[:6], columns=[str(i) for i in range(WIDTH)])
     parquet = io.BytesIO()
     frame.to_parquet(parquet)
