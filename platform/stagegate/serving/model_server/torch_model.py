@@ -105,7 +105,8 @@ class TorchScorer(NumpyScorer):
             picked = frame[self.names]
         if not all(dtype.kind in "biuf" for dtype in picked.dtypes):
             return None  # strings or objects: pyfunc's conversion decides
-        array: np.ndarray[Any, Any] = picked.to_numpy(dtype=np.float64)
+        # pyfunc casts the frame itself: `frame.to_numpy(float32)`.
+        array: np.ndarray[Any, Any] = picked.to_numpy(dtype=np.float32)
         return array
 
     def _rows(self, document: Any) -> list[Any] | None:
