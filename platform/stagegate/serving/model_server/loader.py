@@ -8,6 +8,7 @@ fast path (`model_numpy`), switched on only after it answered a probe exactly as
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -96,27 +97,25 @@ def load_model(
     if conf is None:
         raise PermanentError(f"{model_uri} has no python_function flavor: pyfunc cannot serve it")
 
-    model_config: dict[str, Any] = {}
     used_device = "cpu"
     pt2 = _pt2_path(local_path, conf)
     if conf.get("loader_module") == "mlflow.pytorch":
-        # pyfunc's pytorch loader maps the weights (`map_location`) and predicts on this device;
-        # a pt2 program saved on the CPU is refused there, so pyfunc keeps it on the CPU and
-        # the torch fast path moves its own copy (`torch_module`).
         used_device = resolve_device(device)
-        model_config["device"] = "cpu" if pt2 is not None else used_device
-    elif parse_device(device).startswith("cuda"):
-        logger.warning(
-            "--device %s ignored: %s models run on the CPU", device, conf["loader_module"]
-        )
-
-    pyfunc_model = mlflow.pyfunc.load_model(local_path, model_config=model_config or None)
+        pyfunc_model, pyfunc_device = _load_pytorch_pyfunc(local_path, used_device, pt2)
+    else:
+        if parse_device(device).startswith("cuda"):
+            logger.warning(
+                "--device %s ignored: %s models run on the CPU", device, conf["loader_module"]
+            )
+        pyfunc_model = mlflow.pyfunc.load_model(local_path)
     generic = PyfuncScorer(pyfunc_model)
     scorer: Scorer = generic
     fast: Scorer | None
     fast_name = FAST_PATH
     if conf.get("loader_module") == "mlflow.pytorch":
-        fast, why = _torch_scorer(meta, pyfunc_model, generic, used_device, pt2)
+        # A pt2 program pyfunc holds on another device is moved for the fast path.
+        move_from = pt2 if pyfunc_device != used_device else None
+        fast, why = _torch_scorer(meta, pyfunc_model, generic, used_device, move_from)
         fast_name = TORCH_FAST_PATH
     else:
         fast, why = _numpy_scorer(meta, pyfunc_model, generic)
@@ -423,17 +422,38 @@ def _pt2_path(local_path: str, conf: dict[str, Any]) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _load_pytorch_pyfunc(local_path: str, device: str, pt2: str | None) -> tuple[Any, str]:
+    """pyfunc's model on `device` (its loader maps the weights there), and the device it is on.
+
+    mlflow refuses to load a pt2 program on another device than the one it was saved on; then
+    pyfunc keeps it on that device, and the fast path moves a copy (`torch_module_on`).
+    """
+    try:
+        return mlflow.pyfunc.load_model(local_path, model_config={"device": device}), device
+    except MlflowException:
+        if pt2 is None:
+            raise
+        other = "cpu" if device != "cpu" else "cuda"
+        try:
+            model = mlflow.pyfunc.load_model(local_path, model_config={"device": other})
+        except Exception:  # saved on a device this machine lacks: the first error says so
+            raise PermanentError(
+                f"the pt2 model cannot be loaded on {device} nor on {other}"
+            ) from None
+        return model, other
+
+
 def _torch_scorer(
     meta: Any, pyfunc_model: Any, fallback: PyfuncScorer, device: str, pt2: str | None
 ) -> tuple[TorchScorer | None, str]:
-    """The torch scorer when pyfunc's predict is `module(tensor(frame))`; else why not."""
-    import importlib
+    """The torch scorer when pyfunc's predict is `module(tensor(frame))`; else why not.
 
+    `pt2` is the archive to move to `device` when pyfunc holds the model elsewhere."""
     torch: Any = importlib.import_module("torch")
     shape = _torch_inputs(meta)
     if isinstance(shape, str):
-        if pt2 is not None and device != "cpu":
-            # pyfunc holds this program on the CPU: serving it there would ignore --device.
+        if pt2 is not None:
+            # pyfunc holds this program on another device: serving it there ignores --device.
             raise PermanentError(
                 f"--device {device}: this pt2 model cannot take the torch fast path ({shape}); "
                 "log it with serialization_format='pickle' to serve it through pyfunc on "
@@ -442,12 +462,12 @@ def _torch_scorer(
         return None, f"off ({shape})"
     columns, tensor_signature = shape
     module = pyfunc_model.get_raw_model()
-    if pt2 is not None and device != "cpu":
+    if pt2 is not None:
         module = torch_module_on(pt2, device, torch)
     scorer = TorchScorer(
         columns, module, device, fallback, tensor_signature=tensor_signature, torch=torch
     )
-    # pyfunc answers on the CPU for a pt2 model: the probe is then the CUDA-vs-CPU check.
+    # pyfunc answers on the CPU for a moved pt2 model: the probe is then the CUDA-vs-CPU check.
     tolerance = 1e-5 if device == "cpu" else 1e-4
     try:
         mismatch = _torch_probe(scorer, fallback, pyfunc_model, tolerance)
@@ -467,8 +487,6 @@ def torch_module_on(pt2: str, device: str, torch: Any) -> Any:
     mlflow refuses to load a pt2 model on another device than it was saved on; the program's
     own `move_to_device_pass` rewrites it. pyfunc has already loaded (and checked) the archive.
     """
-    import importlib
-
     try:
         passes: Any = importlib.import_module("torch.export.passes")
         program = torch.export.load(pt2)
