@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from starlette.testclient import TestClient
 
 from stagegate.errors import PermanentError
 from stagegate.serving.model_server.loader import PyfuncScorer, load_model, torch_module_on
@@ -36,11 +37,13 @@ from stagegate.serving.model_server.scoring import (
     Parsed,
     ScoringError,
 )
+from stagegate.serving.model_server.server import ModelServer
 from stagegate.serving.model_server.torch_model import TorchScorer, answers_agree
 from tests.fixtures.mlflow_server import free_port
 
 WIDTH = 16
 TOLERANCE = 1e-5
+JSON_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -374,11 +377,32 @@ def _generic_for(saved: Saved) -> PyfuncScorer:
 
 
 def test_parsed_requests_are_numpy_blocks_parsed_off_the_event_loop(
-    pt2_model: LoadedModel,
+    pt2_model: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scorer = _scorer(pt2_model)
-    parsed = scorer.parse(json.dumps({"inputs": [[0.25] * WIDTH]}).encode(), CONTENT_TYPE_JSON)
-    assert isinstance(parsed, Parsed)
+    parse = scorer.parse
+    on_loop: list[bool] = []
+
+    def recording(body: bytes, media_type: str) -> Parsed:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return parse(body, media_type)
+
+    monkeypatch.setattr(scorer, "parse", recording)
+    body = json.dumps({"inputs": [[0.25] * WIDTH]}).encode()  # small: would be parsed inline
+    with TestClient(ModelServer(lambda: pt2_model)) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answer = client.post(
+            "/invocations", content=body, headers={"content-type": "application/json"}
+        )
+    assert answer.status_code == 200
+    assert len(answer.json()["predictions"]) == 1
+    assert on_loop == [False], "the body was parsed on the event loop"
+    parsed = parse(body, CONTENT_TYPE_JSON)
     assert isinstance(parsed.data, np.ndarray)
     assert parsed.data.shape == (1, WIDTH)
-    assert scorer.inline_parse_bytes == 0  # the server parses every body on a helper thread
