@@ -18,6 +18,17 @@ $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
+# The model server's PyTorch tests need torch, which the locks leave out: its wheels are large
+# and only `mlflow.pytorch` models use it (the `torch` extra in pyproject.toml). Installed with
+# the venv's pip after every sync (uv pip sync removes it). For the CPU wheel on a fresh clone,
+# pass TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION := 2.13.0
+TORCH_PIP_ARGS ?=
+TORCH_STAMP := $(VENV)/.torch
+$(TORCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/stagegate demo
 
@@ -46,7 +57,7 @@ imports: $(STAMP)
 helm-bin: $(STAMP)
 	sh helm/install-helm.sh $(VENV)
 
-pytest: $(STAMP) debs helm-bin
+pytest: $(STAMP) $(TORCH_STAMP) debs helm-bin
 	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
 	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
@@ -68,7 +79,7 @@ bench-debs:
 	fi
 
 # Each benchmark prints one JSON object as its last line; BENCH_ARGS=--quick for a short run.
-bench: $(STAMP) bench-debs
+bench: $(STAMP) $(TORCH_STAMP) bench-debs
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
 
 # requirements.lock: what the image installs; requirements-dev.lock adds the test tools.

@@ -8,6 +8,7 @@ fast path (`model_numpy`), switched on only after it answered a probe exactly as
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -49,6 +50,8 @@ from stagegate.serving.model_server.scoring import (
     predict_failed,
     too_big,
 )
+from stagegate.serving.model_server.torch_model import FAST_PATH as TORCH_FAST_PATH
+from stagegate.serving.model_server.torch_model import TorchScorer, answers_agree
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,13 @@ FAST_PATH = "sklearn-numpy"
 # mlflow's scoring-server helpers carry no annotations; reached through Any to keep mypy strict.
 scoring_server: Any = _scoring_server
 _COLUMN_TYPES: dict[DataType, ColumnType] = {DataType.double: "double", DataType.long: "long"}
+# pyfunc hands a PyTorch model `frame.to_numpy(float32)`: any numeric column reads the same way.
+_TORCH_COLUMN_TYPES: dict[DataType, ColumnType] = {
+    DataType.double: "double",
+    DataType.float: "double",
+    DataType.long: "long",
+    DataType.integer: "long",
+}
 
 
 def load_model(
@@ -87,21 +97,28 @@ def load_model(
     if conf is None:
         raise PermanentError(f"{model_uri} has no python_function flavor: pyfunc cannot serve it")
 
-    model_config: dict[str, Any] = {}
     used_device = "cpu"
+    pt2 = _pt2_path(local_path, conf)
     if conf.get("loader_module") == "mlflow.pytorch":
-        # pyfunc's pytorch loader maps the weights (`map_location`) and predicts on this device.
         used_device = resolve_device(device)
-        model_config["device"] = used_device
-    elif parse_device(device).startswith("cuda"):
-        logger.warning(
-            "--device %s ignored: %s models run on the CPU", device, conf["loader_module"]
-        )
-
-    pyfunc_model = mlflow.pyfunc.load_model(local_path, model_config=model_config or None)
+        pyfunc_model, pyfunc_device = _load_pytorch_pyfunc(local_path, used_device, pt2)
+    else:
+        if parse_device(device).startswith("cuda"):
+            logger.warning(
+                "--device %s ignored: %s models run on the CPU", device, conf["loader_module"]
+            )
+        pyfunc_model = mlflow.pyfunc.load_model(local_path)
     generic = PyfuncScorer(pyfunc_model)
     scorer: Scorer = generic
-    fast, why = _numpy_scorer(meta, pyfunc_model, generic)
+    fast: Scorer | None
+    fast_name = FAST_PATH
+    if conf.get("loader_module") == "mlflow.pytorch":
+        # A pt2 program pyfunc holds on another device is moved for the fast path.
+        move_from = pt2 if pyfunc_device != used_device else None
+        fast, why = _torch_scorer(meta, pyfunc_model, generic, used_device, move_from)
+        fast_name = TORCH_FAST_PATH
+    else:
+        fast, why = _numpy_scorer(meta, pyfunc_model, generic)
     if fast is not None:
         scorer = fast
     logger.info(
@@ -121,7 +138,7 @@ def load_model(
         "model_id": getattr(meta, "model_id", None),
         "flavors": sorted(meta.flavors),
         "loader_module": conf.get("loader_module"),
-        "fast_path": FAST_PATH if fast is not None else None,
+        "fast_path": fast_name if fast is not None else None,
         "fast_path_detail": why,
         "device": used_device,
         "digest_checked": expect_digest,
@@ -390,5 +407,162 @@ def _probe(scorer: NumpyScorer, pyfunc_model: Any, columns: list[tuple[str, Colu
             return got.message
         if json.loads(got) != json.loads(want):
             return f"{got[:200]!r} != {want[:200]!r}"
+        compared += 1
+    return "" if compared else "pyfunc scored none of the probe rows"
+
+
+# -- the PyTorch fast path --------------------------------------------------------------------
+
+
+def _pt2_path(local_path: str, conf: dict[str, Any]) -> str | None:
+    """The `torch.export` archive of an `mlflow.pytorch` model saved as pt2 (mlflow's default)."""
+    if conf.get("loader_module") != "mlflow.pytorch":
+        return None
+    path = os.path.join(local_path, str(conf.get("data", "data")), "model.pt2")
+    return path if os.path.isfile(path) else None
+
+
+def _load_pytorch_pyfunc(local_path: str, device: str, pt2: str | None) -> tuple[Any, str]:
+    """pyfunc's model on `device` (its loader maps the weights there), and the device it is on.
+
+    mlflow refuses to load a pt2 program on another device than the one it was saved on; then
+    pyfunc keeps it on that device, and the fast path moves a copy (`torch_module_on`).
+    """
+    try:
+        return mlflow.pyfunc.load_model(local_path, model_config={"device": device}), device
+    except MlflowException:
+        if pt2 is None:
+            raise
+        other = "cpu" if device != "cpu" else "cuda"
+        try:
+            model = mlflow.pyfunc.load_model(local_path, model_config={"device": other})
+        except Exception:  # saved on a device this machine lacks: the first error says so
+            raise PermanentError(
+                f"the pt2 model cannot be loaded on {device} nor on {other}"
+            ) from None
+        return model, other
+
+
+def _torch_scorer(
+    meta: Any, pyfunc_model: Any, fallback: PyfuncScorer, device: str, pt2: str | None
+) -> tuple[TorchScorer | None, str]:
+    """The torch scorer when pyfunc's predict is `module(tensor(frame))`; else why not.
+
+    `pt2` is the archive to move to `device` when pyfunc holds the model elsewhere."""
+    torch: Any = importlib.import_module("torch")
+    shape = _torch_inputs(meta)
+    if isinstance(shape, str):
+        if pt2 is not None:
+            # pyfunc holds this program on another device: serving it there ignores --device.
+            raise PermanentError(
+                f"--device {device}: this pt2 model cannot take the torch fast path ({shape}); "
+                "log it with serialization_format='pickle' to serve it through pyfunc on "
+                f"{device}, or serve it with --device cpu"
+            )
+        return None, f"off ({shape})"
+    columns, tensor_signature = shape
+    module = pyfunc_model.get_raw_model()
+    if pt2 is not None:
+        module = torch_module_on(pt2, device, torch)
+    scorer = TorchScorer(
+        columns, module, device, fallback, tensor_signature=tensor_signature, torch=torch
+    )
+    # pyfunc answers on the CPU for a moved pt2 model: the probe is then the CUDA-vs-CPU check.
+    tolerance = 1e-5 if device == "cpu" else 1e-4
+    try:
+        mismatch = _torch_probe(scorer, fallback, pyfunc_model, tolerance)
+    except Exception as exc:
+        mismatch = f"{type(exc).__name__}: {exc}"
+    if mismatch:
+        if device != "cpu":
+            raise PermanentError(f"--device {device}: the model answers differently: {mismatch}")
+        return None, f"off (its answer differed from pyfunc's: {mismatch})"
+    kind = "tensor" if tensor_signature else "columns"
+    return scorer, f"on (one forward per micro-batch on {device}, {kind} signature)"
+
+
+def torch_module_on(pt2: str, device: str, torch: Any) -> Any:
+    """The pt2 program moved to `device`, weights, buffers and device constants alike.
+
+    mlflow refuses to load a pt2 model on another device than it was saved on; the program's
+    own `move_to_device_pass` rewrites it. pyfunc has already loaded (and checked) the archive.
+    """
+    try:
+        passes: Any = importlib.import_module("torch.export.passes")
+        program = torch.export.load(pt2)
+        return passes.move_to_device_pass(program, device).module()
+    except Exception as exc:
+        raise PermanentError(
+            f"could not move the pt2 model to {device} ({type(exc).__name__}: {exc}); log it "
+            "with serialization_format='pickle' (and MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true "
+            "where it is served), or save it from a module already on that device"
+        ) from exc
+
+
+def _torch_inputs(meta: Any) -> tuple[list[tuple[str, ColumnType]], bool] | str:
+    """(columns, tensor signature?) that pyfunc turns into one float32 matrix; else why not."""
+    schema = meta.get_input_schema()
+    if "pytorch" not in meta.flavors or schema is None or meta.get_params_schema() is not None:
+        return "not a PyTorch model with a signature and no params"
+    if schema.is_tensor_spec():
+        width = _tensor_width(schema.inputs)
+        if isinstance(width, str):
+            return width
+        return [(str(i), "double") for i in range(width)], True
+    if not schema.has_input_names():
+        return "no column names"
+    columns: list[tuple[str, ColumnType]] = []
+    for spec in schema.inputs:
+        kind = _TORCH_COLUMN_TYPES.get(spec.type) if isinstance(spec.type, DataType) else None
+        if kind is None or not spec.required:
+            return f"column {spec.name!r} is {spec.type}, not a required number"
+        columns.append((str(spec.name), kind))
+    return columns, False
+
+
+def _tensor_width(specs: list[Any]) -> int | str:
+    """F for one float32 input tensor of shape (-1, F); else why the fast path is off."""
+    if len(specs) != 1:
+        return "more than one input tensor"
+    spec = specs[0]
+    dims = tuple(spec.shape)
+    if spec.type != np.dtype(np.float32) or len(dims) != 2 or dims[0] != -1 or dims[1] < 1:
+        return f"input tensor {spec.type}{dims}, not float32 of shape (-1, F)"
+    return int(dims[1])
+
+
+def _torch_probe(
+    scorer: TorchScorer, fallback: PyfuncScorer, pyfunc_model: Any, tolerance: float
+) -> str:
+    """Score the input example and a synthetic batch both ways; describe the first difference."""
+    width = len(scorer.names)
+    ramp = (np.arange(4 * width).reshape(4, width) % 9 - 4) / 4
+    blocks = [ramp]
+    example = pyfunc_model.input_example
+    if isinstance(example, np.ndarray) and example.ndim == 2 and example.shape[1] == width:
+        blocks.insert(0, example[:20].astype(np.float64))
+    elif isinstance(example, pd.DataFrame) and set(scorer.names) <= set(example.columns):
+        blocks.insert(0, example[scorer.names].head(20).to_numpy(dtype=np.float64))
+    compared = 0
+    for block in blocks:
+        rows = block.tolist()
+        if scorer._tensor:
+            document: dict[str, Any] = {"inputs": rows}
+        else:
+            document = {"dataframe_split": {"columns": scorer.names, "data": rows}}
+        try:
+            want = fallback.predict([fallback.parse_document(document)])[0]
+        except ScoringError:
+            continue
+        if isinstance(want, ScoringError):
+            continue  # rows pyfunc refuses prove nothing either way
+        parsed = scorer.parse_document(document)
+        if parsed.group != FAST_GROUP:
+            return "the fast path did not take the probe rows"
+        got = scorer.predict([parsed])[0]
+        if isinstance(got, ScoringError):
+            return got.message
+        if mismatch := answers_agree(got, want, tolerance):
+            return mismatch
         compared += 1
     return "" if compared else "pyfunc scored none of the probe rows"

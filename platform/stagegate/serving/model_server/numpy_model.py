@@ -226,9 +226,12 @@ class NumpyScorer:
         bodies: list[bytes | ScoringError] = []
         start = 0
         for item in items:
-            bodies.append(encode_array_predictions(output[start : start + item.rows]))
+            bodies.append(self._encode(output[start : start + item.rows]))
             start += item.rows
         return bodies
+
+    def _encode(self, predictions: np.ndarray[Any, Any]) -> bytes:
+        return encode_array_predictions(predictions)
 
     def _call(self, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         output = self._predict(array)

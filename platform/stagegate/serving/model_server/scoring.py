@@ -63,7 +63,8 @@ class Scorer(Protocol):
     def parse(self, body: bytes, media_type: str) -> Parsed:
         """Decode and validate one request body; raise ScoringError for a client error.
 
-        Runs on the event loop for small bodies (keep it cheap), on a helper thread for large.
+        Runs on the event loop for small bodies (keep it cheap), on a helper thread for large;
+        a scorer with an `inline_parse_bytes` attribute sets where small ends (0: never inline).
         """
         ...
 

@@ -172,7 +172,8 @@ class ModelServer:
         with self.batcher.arrival():
             body = await self._read_body(receive)
             media_type = media_type_of(content_type)
-            if len(body) <= PARSE_INLINE_BYTES:
+            # A scorer may ask for every parse off the loop (`inline_parse_bytes = 0`).
+            if len(body) <= getattr(model.scorer, "inline_parse_bytes", PARSE_INLINE_BYTES):
                 parsed = model.scorer.parse(body, media_type)
             else:  # megabytes take milliseconds to parse: keep the event loop serving meanwhile
                 loop = asyncio.get_running_loop()
