@@ -162,7 +162,7 @@ def fleet(session: Session) -> Fleet:
         select(ModelVersion.model_name, func.count()).group_by(col(ModelVersion.model_name)),
     )
     holders: dict[str, dict[DeploymentRole, Holder]] = {}
-    for v in session.exec(select(ModelVersion).where(col(ModelVersion.stage).in_(LIVE))).all():
+    for v in session.exec(select(ModelVersion).where(col(ModelVersion.stage).in_(sorted(LIVE)))).all():
         holders.setdefault(v.model_name, {})[DEPLOYMENT_ROLE[v.stage]] = Holder(
             v.version, v.stage_changed_at
         )
