@@ -492,7 +492,10 @@ def test_audit_filters_by_action_actor_entity_and_time(
     [
         ({"since": "2026-01-01T00:00:00"}, "invalid_input", "`since` needs a timezone"),
         ({"until": "2026-01-01T10:00"}, "invalid_input", "`until` needs a timezone"),
-        ({"since": "yesterday"}, "invalid_request", "datetime"),
+        ({"since": "yesterday"}, "invalid_request", "ISO-8601"),
+        ({"until": "0.5"}, "invalid_request", "ISO-8601"),  # not seconds since 1970
+        ({"since": "1700000000"}, "invalid_request", "ISO-8601"),
+        ({"since": "2026-13-01T00:00:00Z"}, "invalid_request", "datetime"),
         ({"since": "1900-01-01T00:00:00Z"}, "invalid_request", "must lie between"),
         (
             {"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"},
