@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,8 @@ from stagegate.governance import (
 )
 from stagegate.governance.models import Transition, TransitionStatus
 from stagegate.governance.tokens import Principal
+from stagegate.lifecycle import decisions
+from stagegate.lifecycle.gates import AuthorFacts
 from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.steps.apply import apply_transition
@@ -261,6 +263,49 @@ def test_an_allowed_action_is_taken_and_then_shown_as_decided(
         "allowed": False,
         "reason": f"transition {tid} is approved, not pending",
     }
+
+
+def test_the_verdict_is_pure_and_names_the_first_check_the_api_meets() -> None:
+    """Facts in, verdict out: the checks run in the API's order, so the reason shown is the
+    one the caller would get (the route's role check before the transition's state...)."""
+    now = datetime(2026, 6, 10, tzinfo=UTC)
+    facts = decisions.DecisionFacts(
+        caller="alice",
+        role=Role.approver,
+        transition_id="t1",
+        status="pending",
+        model="fraud",
+        version=1,
+        from_stage=Stage.candidate,
+        to_stage=Stage.shadow,
+        version_stage=Stage.candidate,
+        requested_by="erin",
+        author=AuthorFacts(mlflow_user="ghost", identity=None, unmapped="block"),
+        rule=default_policy().approval_rule(Stage.candidate, Stage.shadow),
+        approval_ttl_days=7,
+        prior=None,
+        now=now,
+    )
+    both = decisions.allowed_actions(facts)
+    assert both["reject"] == decisions.Verdict(True)
+    assert both["approve"].refusal is decisions.Refusal.forbidden
+    assert decisions.allowed_actions(facts) == both  # nothing but the facts decides
+    lapsed = replace(
+        facts,
+        author=AuthorFacts("ghost", "gus", "block"),
+        prior=decisions.PriorDecision("approve", now - timedelta(days=7)),
+    )
+    assert "expired at 2026-06-10 00:00 UTC" in str(decisions.verdict(lapsed, "approve").reason)
+    fresh = replace(lapsed, prior=decisions.PriorDecision("approve", now - timedelta(days=6)))
+    assert decisions.verdict(fresh, "reject").reason == "alice already decided transition t1"
+    viewer_late = replace(facts, role=Role.viewer, status="applied", caller="erin")
+    assert decisions.verdict(viewer_late, "approve").reason == (
+        "role viewer may not do this (needs admin, approver, author)"
+    )
+    closed = replace(facts, status="applied", caller="erin")
+    assert decisions.verdict(closed, "approve") == decisions.Verdict(
+        False, "transition t1 is applied, not pending", decisions.Refusal.conflict
+    )
 
 
 def test_listing_transitions_costs_the_same_queries_for_one_or_many(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from sqlmodel import Session
 
@@ -18,6 +18,7 @@ from stagegate.governance.models import (
     Transition,
 )
 from stagegate.governance.tokens import Principal
+from stagegate.lifecycle import decisions
 from stagegate.lifecycle.policy import Policy
 
 
@@ -48,15 +49,21 @@ def transitions_for(
             applied_at=t.applied_at,
             gates=[schemas.GateResultPublic.model_validate(g) for g in t.gate_results],
             approvals=[approval(a) for a in approvals[t.id]],
-            allowed_actions=schemas.AllowedActionsPublic(
-                **{
-                    d: schemas.ActionPublic(allowed=v.allowed, reason=v.reason)
-                    for d, v in verdicts[t.id].items()
-                }
-            ),
+            allowed_actions=_actions(verdicts[t.id]),
         )
         for t in rows
     ]
+
+
+def _actions(
+    verdicts: Mapping[decisions.Decision, decisions.Verdict],
+) -> schemas.AllowedActionsPublic:
+    def public(v: decisions.Verdict) -> schemas.ActionPublic:
+        return schemas.ActionPublic(allowed=v.allowed, reason=v.reason)
+
+    return schemas.AllowedActionsPublic(
+        approve=public(verdicts["approve"]), reject=public(verdicts["reject"])
+    )
 
 
 def transition(session: Session, t: Transition, principal: Principal) -> schemas.TransitionPublic:

@@ -265,13 +265,14 @@ def decide(
         select(Approval).where(Approval.transition_id == t.id, Approval.approver == principal.name)
     ).first()
     # The same pure verdict the API shows the caller as `allowed_actions`.
-    refused = decisions.verdict(
+    verdict = decisions.verdict(
         _facts(principal, t, version, policy, author, earlier, now), decision
     )
-    if refused.refusal is decisions.Refusal.forbidden:
-        raise PermissionDenied(refused.reason or "refused")
-    if refused.refusal is decisions.Refusal.conflict:
-        raise ConflictError(refused.reason or "refused")
+    if not verdict.allowed:
+        refuse = (
+            PermissionDenied if verdict.refusal is decisions.Refusal.forbidden else ConflictError
+        )
+        raise refuse(verdict.reason or "refused")
     unknown = author.warning()
 
     session.add(
