@@ -701,3 +701,19 @@ def test_new_endpoints_need_a_token_and_declare_their_errors(client: TestClient)
     card = paths["/api/v1/models/{name}/versions/{version}/card"]["get"]["responses"]["200"]
     assert set(card["content"]) == {"application/json", "text/markdown"}
     assert card["content"]["application/json"]["schema"]["$ref"].endswith("/CardPublic")
+
+
+def test_production_at_a_number_is_refused_like_the_audit_instants(
+    client: TestClient, factory: Factory
+) -> None:
+    """Pydantic would read `at=0.5` as half a second after 1970; an instant is ISO-8601."""
+    factory.version("fraud", 1)
+    head = factory.token("vic", "viewer")
+    r = client.get("/api/v1/models/fraud/production", params={"at": "0.5"}, headers=head)
+    assert r.status_code == 422, r.text
+    assert "ISO-8601" in str(r.json()["detail"])
+    ok = client.get(
+        "/api/v1/models/fraud/production", params={"at": "2026-01-02T00:00:00Z"}, headers=head
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["version"] is None
