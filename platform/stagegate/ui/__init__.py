@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from starlette.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
@@ -62,9 +62,6 @@ class UiApp:
         response: Response | None = None
         if scope["type"] != "http":
             response = PlainTextResponse("not found", status_code=404)
-        elif rest == "":
-            # Pages load their assets relative to /ui/.
-            response = RedirectResponse(f"{root}/", status_code=308)
         elif rest == f"/{DEMO_USERS}":
             response = self._demo_users(scope)
         elif not (self.directory / "index.html").is_file():
