@@ -13,11 +13,14 @@ from stagegate.api.deps import AppState
 from stagegate.api.limits import RequestLimits
 from stagegate.api.routers import (
     audit,
+    cards,
     events,
     experiments,
     feedback,
+    fleet,
     health,
     identities,
+    me,
     models,
     monitoring,
     policy_changes,
@@ -42,6 +45,9 @@ ROUTERS = (
     experiments.router,
     identities.router,
     policy_changes.router,
+    me.router,
+    fleet.router,
+    cards.router,
 )
 
 

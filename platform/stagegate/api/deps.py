@@ -15,6 +15,7 @@ from stagegate.db import reader
 from stagegate.errors import PermissionDenied, StagegateError
 from stagegate.events.sink import EventSink
 from stagegate.governance.tokens import Principal, TokenRejected, authenticate
+from stagegate.lifecycle.decisions import DECIDER_ROLES, role_refusal
 from stagegate.lifecycle.stages import Role
 from stagegate.settings import Settings
 
@@ -69,8 +70,7 @@ def require(*roles: Role) -> Callable[[Principal], Principal]:
 
     def check(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
         if principal.role not in allowed:
-            names = ", ".join(sorted(allowed))
-            raise PermissionDenied(f"role {principal.role} may not do this (needs {names})")
+            raise PermissionDenied(role_refusal(principal.role, allowed))
         return principal
 
     check.__stagegate_authz__ = True  # type: ignore[attr-defined]  # found by the route audit
@@ -81,5 +81,6 @@ def require(*roles: Role) -> Callable[[Principal], Principal]:
 ANYONE = (Role.viewer, Role.author, Role.approver, Role.admin, Role.service)
 Viewer = Annotated[Principal, Depends(require(*ANYONE))]
 Requester = Annotated[Principal, Depends(require(Role.author, Role.admin, Role.service))]
-Decider = Annotated[Principal, Depends(require(Role.approver, Role.admin, Role.author))]
+# Who may reach the decision route; `decide` then applies the policy (lifecycle/decisions.py).
+Decider = Annotated[Principal, Depends(require(*DECIDER_ROLES))]
 Admin = Annotated[Principal, Depends(require(Role.admin))]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlmodel import Session
 
 from stagegate.api import schemas
+from stagegate.db import utcnow
 from stagegate.governance import lineage, transitions, versions
 from stagegate.governance.models import (
     Approval,
@@ -14,6 +17,7 @@ from stagegate.governance.models import (
     PolicyChange,
     Transition,
 )
+from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.policy import Policy
 
 
@@ -21,23 +25,42 @@ def approval(a: Approval) -> schemas.ApprovalPublic:
     return schemas.ApprovalPublic.model_validate(a, from_attributes=True)
 
 
-def transition(session: Session, t: Transition) -> schemas.TransitionPublic:
-    return schemas.TransitionPublic(
-        id=t.id,
-        model=t.model_name,
-        version=t.version,
-        from_stage=t.from_stage,
-        to_stage=t.to_stage,
-        reason=t.reason,
-        status=t.status,
-        status_reason=t.status_reason,
-        requested_by=t.requested_by,
-        created_at=t.created_at,
-        decided_at=t.decided_at,
-        applied_at=t.applied_at,
-        gates=[schemas.GateResultPublic.model_validate(g) for g in t.gate_results],
-        approvals=[approval(a) for a in transitions.approvals_of(session, t.id)],
-    )
+def transitions_for(
+    session: Session, rows: Sequence[Transition], principal: Principal
+) -> list[schemas.TransitionPublic]:
+    """Transitions with their approvals and what the caller may decide, in a fixed number of
+    queries however many there are."""
+    approvals = transitions.approvals_for(session, [t.id for t in rows])
+    verdicts = transitions.allowed_actions(session, principal, rows, utcnow())
+    return [
+        schemas.TransitionPublic(
+            id=t.id,
+            model=t.model_name,
+            version=t.version,
+            from_stage=t.from_stage,
+            to_stage=t.to_stage,
+            reason=t.reason,
+            status=t.status,
+            status_reason=t.status_reason,
+            requested_by=t.requested_by,
+            created_at=t.created_at,
+            decided_at=t.decided_at,
+            applied_at=t.applied_at,
+            gates=[schemas.GateResultPublic.model_validate(g) for g in t.gate_results],
+            approvals=[approval(a) for a in approvals[t.id]],
+            allowed_actions=schemas.AllowedActionsPublic(
+                **{
+                    d: schemas.ActionPublic(allowed=v.allowed, reason=v.reason)
+                    for d, v in verdicts[t.id].items()
+                }
+            ),
+        )
+        for t in rows
+    ]
+
+
+def transition(session: Session, t: Transition, principal: Principal) -> schemas.TransitionPublic:
+    return transitions_for(session, [t], principal)[0]
 
 
 def version(session: Session, v: ModelVersion) -> schemas.VersionPublic:

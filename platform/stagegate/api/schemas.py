@@ -50,6 +50,22 @@ class ApprovalPublic(BaseModel):
     created_at: datetime
 
 
+class ActionPublic(BaseModel):
+    """Whether the caller may take one decision now, and if not, why."""
+
+    allowed: bool
+    reason: str | None = Field(
+        description="Why not, in the words the API would refuse with (null when allowed)."
+    )
+
+
+class AllowedActionsPublic(BaseModel):
+    """What the caller may decide on a transition: the verdicts `decide` itself applies."""
+
+    approve: ActionPublic
+    reject: ActionPublic
+
+
 class TransitionPublic(BaseModel):
     id: str
     model: str
@@ -65,6 +81,9 @@ class TransitionPublic(BaseModel):
     applied_at: datetime | None
     gates: list[GateResultPublic]
     approvals: list[ApprovalPublic]
+    allowed_actions: AllowedActionsPublic = Field(
+        description="For the caller: may they approve or reject it now, and why not."
+    )
 
 
 class TransitionsPublic(BaseModel):
@@ -285,3 +304,137 @@ class PolicyChangesPublic(BaseModel):
     data: list[PolicyChangePublic]
     offset: int
     limit: int
+
+
+class MePublic(BaseModel):
+    """The caller, as the API sees them."""
+
+    name: str = Field(description="The identity approvals and audit rows record.")
+    role: Role
+    mlflow_users: list[str] = Field(description="MLflow user names an admin linked to it.")
+    expires_at: datetime | None = Field(
+        description="When the token of this call expires; null: until revoked."
+    )
+
+
+class HolderPublic(BaseModel):
+    version: int
+    since: datetime = Field(description="When the version entered its stage.")
+
+
+class TrafficPublic(BaseModel):
+    """The split the endpoint's desired state asks routers for (0 without the role)."""
+
+    challenger_weight: float
+    shadow_fraction: float
+
+
+class DriftStatusPublic(BaseModel):
+    status: Literal["ok", "drift", "unchecked"] = Field(
+        description="`drift`: an alarm is open; `ok`: checked, none open; `unchecked`: never."
+    )
+    open_alarms: int
+    last_checked: datetime | None
+
+
+class FleetModelPublic(BaseModel):
+    name: str
+    versions: int
+    champion: HolderPublic | None
+    challenger: HolderPublic | None
+    shadow: HolderPublic | None
+    traffic: TrafficPublic
+    pending_approvals: int = Field(description="Pending transitions of the model.")
+    drift: DriftStatusPublic
+
+
+class LeadTimePublic(BaseModel):
+    """Registration to first production, per version that reached production."""
+
+    median: float | None = Field(description="Seconds; null without samples.")
+    p90: float | None = Field(description="Seconds; null without samples.")
+    samples: int
+
+
+class ReasonCountPublic(BaseModel):
+    reason: str
+    count: int
+
+
+class RejectedPublic(BaseModel):
+    share: float | None = Field(description="Rejected versions / registered versions.")
+    versions: int = Field(description="Versions rejected at least once.")
+    reasons: list[ReasonCountPublic] = Field(description="Most frequent first (at most 20).")
+
+
+class FleetPublic(BaseModel):
+    models: list[FleetModelPublic]
+    pending_approvals: int
+    lead_time_s: LeadTimePublic
+    rejected: RejectedPublic
+
+
+class DeploymentWindowPublic(BaseModel):
+    """One window in which the version served a role, oldest first."""
+
+    role: DeploymentRole
+    started_at: datetime
+    ended_at: datetime | None
+    digest: str | None = Field(description="The artifact digest approved for this window.")
+    transition_id: str | None = Field(description="The transition that opened the window.")
+
+
+class CardLineagePublic(BaseModel):
+    run_id: str | None
+    source: str
+    creator: str | None
+    code_commit: str | None
+    registered_at: datetime
+    metrics: dict[str, float]
+    params: dict[str, str]
+    datasets: list[DatasetPublic]
+    depends_on: list[VersionRefPublic]
+    reference_source: str | None
+
+
+class CardApprovalPublic(BaseModel):
+    transition_id: str
+    from_stage: Stage
+    to_stage: Stage
+    approver: str
+    role: Role
+    decision: str
+    comment: str | None
+    digest: str | None
+    created_at: datetime
+
+
+class CardEvidencePublic(BaseModel):
+    id: int
+    kind: str
+    passed: bool
+    reason: str
+    sample_size: int
+    digest: str | None
+    champion_version: int | None
+    window_start: datetime
+    window_end: datetime | None
+    created_at: datetime
+    summary: dict[str, Any]
+
+
+class CardPublic(BaseModel):
+    """A model card: what the version is, what it was trained on, who let it through on what
+    evidence, and when it served production."""
+
+    model: str
+    version: int
+    stage: Stage
+    digest: str | None
+    lineage: CardLineagePublic
+    approvals: list[CardApprovalPublic]
+    evidence: list[CardEvidencePublic] = Field(description="Evaluations, oldest first.")
+    production_history: list[DeploymentWindowPublic] = Field(
+        description="The windows in which the version was the champion, oldest first."
+    )
+    generated_at: datetime

@@ -86,11 +86,31 @@ def append(
 
 
 def entries(
-    session: Session, *, entity_id: str | None, offset: int, limit: int
+    session: Session,
+    *,
+    action: str | None = None,
+    actor: str | None = None,
+    entity_type: str | None = None,
+    entity_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    offset: int,
+    limit: int,
 ) -> list[AuditEntry]:
+    """Rows newest first: exact matches on the names given, and `since <= at < until`."""
     query = select(AuditEntry)
-    if entity_id is not None:
-        query = query.where(AuditEntry.entity_id == entity_id)
+    for column, value in (
+        (AuditEntry.action, action),
+        (AuditEntry.actor, actor),
+        (AuditEntry.entity_type, entity_type),
+        (AuditEntry.entity_id, entity_id),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(col(AuditEntry.at) >= since)
+    if until is not None:
+        query = query.where(col(AuditEntry.at) < until)
     return list(
         session.exec(query.order_by(col(AuditEntry.seq).desc()).offset(offset).limit(limit)).all()
     )

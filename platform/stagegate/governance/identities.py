@@ -106,18 +106,34 @@ def identity_of(session: Session, mlflow_user: str | None) -> str | None:
     return row.identity if row is not None else None
 
 
+def identities_of(session: Session, mlflow_users: set[str]) -> dict[str, str]:
+    """MLflow user name -> linked identity, for those that are linked, in one query."""
+    if not mlflow_users:
+        return {}
+    rows = session.exec(
+        select(IdentityLink).where(col(IdentityLink.mlflow_user).in_(mlflow_users))
+    ).all()
+    return {r.mlflow_user: r.identity for r in rows}
+
+
 def get_identity(session: Session, name: str, *, now: datetime | None = None) -> IdentityInfo:
     tokens = _tokens_of(session, name)
     if not tokens:
         raise NotFoundError(f"no identity {name!r}")
     at = now or utcnow()
     live = [t for t in tokens if is_live(t, at)]
-    users = session.exec(
-        select(IdentityLink.mlflow_user)
-        .where(IdentityLink.identity == name)
-        .order_by(col(IdentityLink.mlflow_user))
-    ).all()
-    return IdentityInfo(name, (live or tokens)[0].role, bool(live), list(users))
+    return IdentityInfo(name, (live or tokens)[0].role, bool(live), linked_users(session, name))
+
+
+def linked_users(session: Session, identity: str) -> list[str]:
+    """The MLflow user names linked to the identity, sorted."""
+    return list(
+        session.exec(
+            select(IdentityLink.mlflow_user)
+            .where(IdentityLink.identity == identity)
+            .order_by(col(IdentityLink.mlflow_user))
+        ).all()
+    )
 
 
 def list_identities(session: Session, *, now: datetime | None = None) -> list[IdentityInfo]:

@@ -31,6 +31,24 @@ def get_policy(session: Session, model_name: str) -> Policy:
     return default_policy()
 
 
+def policies_for(session: Session, model_names: set[str]) -> dict[str, Policy]:
+    """`get_policy` for many models in one query: each its own row, else the default."""
+    rows = {
+        r.model_name: r
+        for r in session.exec(
+            select(PolicyRecord).where(
+                col(PolicyRecord.model_name).in_([*model_names, DEFAULT_KEY])
+            )
+        ).all()
+    }
+    default = rows.get(DEFAULT_KEY)
+    fallback = Policy.model_validate(default.body) if default is not None else default_policy()
+    return {
+        name: Policy.model_validate(rows[name].body) if name in rows else fallback
+        for name in model_names
+    }
+
+
 def _effective(session: Session, key: str) -> Policy:
     """What `key` is governed by now: for `*`, its row or the built-in default."""
     if key == DEFAULT_KEY:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, or_
@@ -46,6 +46,9 @@ class Principal:
 
     name: str
     role: Role
+    # When the token that authenticated this call expires (None: until revoked). Not part of
+    # who the caller is, so two principals of one identity still compare equal.
+    expires_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -230,4 +233,4 @@ def authenticate(session: Session, secret: str, *, now: datetime | None = None) 
     status = _status(token, now or utcnow())
     if status != "active":
         raise TokenRejected(f"token {status}")
-    return Principal(token.name, token.role)
+    return Principal(token.name, token.role, token.expires_at)

@@ -6,8 +6,9 @@ so a stage change, its approvals and their audit entries land together or not at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Literal
 
 from sqlmodel import Session, col, or_, select
@@ -22,9 +23,10 @@ from stagegate.governance.models import (
     Transition,
     TransitionStatus,
 )
-from stagegate.governance.policies import get_policy
+from stagegate.governance.policies import get_policy, policies_for
 from stagegate.governance.tokens import Principal
-from stagegate.lifecycle import gates
+from stagegate.lifecycle import decisions, gates
+from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, EXCLUSIVE, Role, Stage
 
 REQUESTER_ROLES = frozenset({Role.author, Role.admin, Role.service})
@@ -256,46 +258,21 @@ def decide(
 ) -> Transition:
     """Record one approval or rejection, then re-run the gates against the current champion."""
     t = get_transition(session, transition_id, lock=True)
-    if t.status is not TransitionStatus.pending:
-        raise ConflictError(f"transition {t.id} is {t.status}, not pending")
     version = versions.get_version(session, t.model_name, t.version)
-    if version.stage != t.from_stage:
-        raise ConflictError(
-            f"{t.model_name} v{t.version} moved to {version.stage} since the transition "
-            f"was requested from {t.from_stage}"
-        )
-    if principal.name == t.requested_by:
-        raise PermissionDenied("the requester of a transition may not approve it")
     policy = get_policy(session, t.model_name)
     author = identities.author_facts(session, version, policy)
-    if principal.name in {version.creator, author.identity}:
-        linked = (
-            f" (MLflow user {version.creator!r} is linked to {author.identity})"
-            if author.identity == principal.name and version.creator != principal.name
-            else ""
-        )
-        raise PermissionDenied(
-            f"{principal.name} is the author of {t.model_name} v{t.version}{linked}; "
-            "the author of a version may not approve its transitions"
-        )
-    rule = policy.approval_rule(t.from_stage, t.to_stage)
-    if rule is None or principal.role not in rule.roles:
-        allowed = "/".join(sorted(rule.roles)) if rule else "nobody"
-        raise PermissionDenied(
-            f"role {principal.role} cannot decide {t.from_stage}->{t.to_stage} (needs {allowed})"
-        )
-    unknown = author.warning()
-    if unknown and decision == "approve" and author.unmapped == "block":
-        raise PermissionDenied(
-            f"{unknown}, so separation of duties cannot be checked: the policy blocks "
-            "approvals until an admin links it (stagegate token link IDENTITY MLFLOW_USER) "
-            "or sets unmapped_author: warn"
-        )
     earlier = session.exec(
         select(Approval).where(Approval.transition_id == t.id, Approval.approver == principal.name)
     ).first()
-    if earlier is not None:
-        raise ConflictError(_decided_before(earlier, policy.approval_ttl_days, now))
+    # The same pure verdict the API shows the caller as `allowed_actions`.
+    refused = decisions.verdict(
+        _facts(principal, t, version, policy, author, earlier, now), decision
+    )
+    if refused.refusal is decisions.Refusal.forbidden:
+        raise PermissionDenied(refused.reason or "refused")
+    if refused.refusal is decisions.Refusal.conflict:
+        raise ConflictError(refused.reason or "refused")
+    unknown = author.warning()
 
     session.add(
         Approval(
@@ -340,17 +317,89 @@ def decide(
     return t
 
 
-def _decided_before(earlier: Approval, ttl_days: int, now: datetime) -> str:
-    """One decision per person per transition, expired or not: an approver who let their
-    approval lapse cannot renew it alone, nor count twice (docs/approvals-and-audit.md)."""
-    lapsed = earlier.created_at + timedelta(days=ttl_days)
-    if earlier.decision == "approve" and lapsed <= now:
-        return (
-            f"{earlier.approver} already approved transition {earlier.transition_id}; that "
-            f"approval expired at {lapsed:%Y-%m-%d %H:%M} UTC and its approver cannot renew "
-            "it: another approver must approve, or the move is requested again"
+def _facts(
+    principal: Principal,
+    t: Transition,
+    version: ModelVersion,
+    policy: Policy,
+    author: gates.AuthorFacts,
+    earlier: Approval | None,
+    now: datetime,
+) -> decisions.DecisionFacts:
+    return decisions.DecisionFacts(
+        caller=principal.name,
+        role=principal.role,
+        transition_id=t.id,
+        status=t.status.value,
+        model=t.model_name,
+        version=t.version,
+        from_stage=t.from_stage,
+        to_stage=t.to_stage,
+        version_stage=version.stage,
+        requested_by=t.requested_by,
+        author=author,
+        rule=policy.approval_rule(t.from_stage, t.to_stage),
+        approval_ttl_days=policy.approval_ttl_days,
+        prior=(
+            decisions.PriorDecision(earlier.decision, earlier.created_at)
+            if earlier is not None
+            else None
+        ),
+        now=now,
+    )
+
+
+def allowed_actions(
+    session: Session, principal: Principal, rows: Sequence[Transition], now: datetime
+) -> dict[str, dict[decisions.Decision, decisions.Verdict]]:
+    """What the caller may decide on each transition, and why not: `decide`'s own verdict,
+    from facts read in a fixed number of queries however many transitions are shown."""
+    if not rows:
+        return {}
+    names = {t.model_name for t in rows}
+    found = session.exec(
+        select(ModelVersion).where(
+            col(ModelVersion.model_name).in_(names),
+            col(ModelVersion.version).in_({t.version for t in rows}),
         )
-    return f"{earlier.approver} already decided transition {earlier.transition_id}"
+    ).all()
+    by_key = {(v.model_name, v.version): v for v in found}
+    linked = identities.identities_of(session, {v.creator for v in found if v.creator})
+    policy_of = policies_for(session, names)
+    mine = {
+        a.transition_id: a
+        for a in session.exec(
+            select(Approval).where(
+                col(Approval.transition_id).in_([t.id for t in rows]),
+                Approval.approver == principal.name,
+            )
+        ).all()
+    }
+    verdicts = {}
+    for t in rows:
+        version = by_key[(t.model_name, t.version)]  # a foreign key in spirit: never deleted
+        policy = policy_of[t.model_name]
+        author = gates.AuthorFacts(
+            mlflow_user=version.creator,
+            identity=linked.get(version.creator) if version.creator else None,
+            unmapped=identities.unmapped_handling(policy),
+        )
+        facts = _facts(principal, t, version, policy, author, mine.get(t.id), now)
+        verdicts[t.id] = decisions.allowed_actions(facts)
+    return verdicts
+
+
+def approvals_for(session: Session, ids: Sequence[str]) -> dict[str, list[Approval]]:
+    """The approvals of each transition, oldest first, in one query."""
+    found: dict[str, list[Approval]] = {i: [] for i in ids}
+    if ids:
+        for a in session.exec(
+            select(Approval)
+            .where(col(Approval.transition_id).in_(list(ids)))
+            .order_by(col(Approval.created_at), col(Approval.id))
+        ).all():
+            found[a.transition_id].append(a)
+    return found
 
 
 def reevaluate(session: Session, *, transition_id: str, now: datetime, actor: str) -> Transition:

@@ -14,7 +14,7 @@ from stagegate.api.limits import MAX_INT, Instant
 from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
-from stagegate.governance import endpoints, evaluations, lineage, policies, versions
+from stagegate.governance import cards, endpoints, evaluations, lineage, policies, versions
 from stagegate.governance.models import PolicyChangeStatus
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
@@ -93,13 +93,13 @@ def get_version(
 
 @router.get("/{name}/versions/{version}/lineage", responses=responses(401, 404, 422, 503))
 def get_lineage(
-    session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
+    session: SessionDep, principal: Viewer, name: ModelName, version: VersionNo
 ) -> schemas.LineagePublic:
     row = versions.get_version(session, name, version)
     ts, _approvals, deps = lineage.history_of(session, row)
     return schemas.LineagePublic(
         version=present.version(session, row),
-        transitions=[present.transition(session, t) for t in ts],
+        transitions=present.transitions_for(session, ts, principal),
         deployments=[present.deployment(d) for d in deps],
         consumers=[
             schemas.VersionRefPublic(model=c.model_name, version=c.version, stage=c.stage)
@@ -135,11 +135,30 @@ def get_consumers(
     ]
 
 
+@router.get("/{name}/versions/{version}/deployments", responses=responses(401, 404, 422, 503))
+def get_deployments(
+    session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
+) -> list[schemas.DeploymentWindowPublic]:
+    """The windows in which the version served a role (champion, challenger, shadow), oldest
+    first, with the digest approved for each and the transition that opened it."""
+    return [
+        schemas.DeploymentWindowPublic(
+            role=w.role,
+            started_at=w.started_at,
+            ended_at=w.ended_at,
+            digest=w.digest,
+            transition_id=w.transition_id,
+        )
+        for w in cards.windows_of(session, name, version)
+    ]
+
+
 @router.get("/{name}/versions/{version}/evaluations", responses=responses(401, 404, 422, 503))
 def get_evaluations(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> list[schemas.EvaluationPublic]:
-    """Shadow and canary reports of the version, newest first (the gates use the newest)."""
+    """The version's evaluations, newest first: shadow, canary, experiment, offpolicy and drift
+    reports, each with its summary (the gates use the newest of each kind)."""
     return [
         schemas.EvaluationPublic(
             id=e.id or 0,
@@ -160,7 +179,7 @@ def get_evaluations(
 @router.get("/{name}/production", responses=responses(401, 404, 422, 503))
 def production_at(
     session: SessionDep,
-    _: Viewer,
+    principal: Viewer,
     name: ModelName,
     at: Annotated[Instant | None, Query(description="ISO-8601 instant; default now")] = None,
 ) -> schemas.ProductionPublic:
@@ -179,7 +198,7 @@ def production_at(
         until=found.deployment.ended_at,
         digest=found.version.digest,
         run_id=found.version.run_id,
-        transition=present.transition(session, found.promotion),
+        transition=present.transition(session, found.promotion, principal),
         window_opened_by=found.deployment.transition_id,
         approved_by=[present.approval(a) for a in found.approvals],
         datasets=[

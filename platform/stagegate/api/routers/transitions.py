@@ -40,13 +40,13 @@ def request_transition(
     )
     session.commit()
     announce_if_approved(state.sink, t)
-    return present.transition(session, t)
+    return present.transition(session, t, principal)
 
 
 @router.get("", responses=responses(401, 422, 503))
 def list_transitions(
     session: SessionDep,
-    _: Viewer,
+    principal: Viewer,
     model: Annotated[str | None, Query(max_length=128)] = None,
     status: TransitionStatus | None = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
@@ -56,15 +56,17 @@ def list_transitions(
         session, model=model, status=status, offset=offset, limit=limit
     )
     return schemas.TransitionsPublic(
-        data=[present.transition(session, t) for t in rows], offset=offset, limit=limit
+        data=present.transitions_for(session, rows, principal), offset=offset, limit=limit
     )
 
 
 @router.get("/{transition_id}", responses=responses(401, 404, 422, 503))
 def get_transition(
-    session: SessionDep, _: Viewer, transition_id: TransitionId
+    session: SessionDep, principal: Viewer, transition_id: TransitionId
 ) -> schemas.TransitionPublic:
-    return present.transition(session, transitions.get_transition(session, transition_id))
+    """The transition, with what the caller may decide on it (`allowed_actions`)."""
+    t = transitions.get_transition(session, transition_id)
+    return present.transition(session, t, principal)
 
 
 @router.post(
@@ -90,4 +92,4 @@ def decide(
     )
     session.commit()
     announce_if_approved(state.sink, t)
-    return present.transition(session, t)
+    return present.transition(session, t, principal)
