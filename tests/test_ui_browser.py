@@ -240,8 +240,15 @@ def test_demo_user_picker_signs_in_and_the_token_stays_in_session_storage(
     assert not context.cookies()
     # A new tab shares no session storage: it asks for a token again.
     other = context.new_page()
-    other.goto(f"{live_api_url}/ui/#/fleet")
+    other.goto(f"{live_api_url}/ui/#/audit")
     expect(other.locator("#login-form")).to_be_visible()
+    other.fill("#token", "sg_not_a_token")
+    other.click("#login-form button[type=submit]")
+    expect(other.locator("#login-error")).not_to_be_empty()
+    other.fill("#token", people["vic"])
+    other.click("#login-form button[type=submit]")  # the deep link survives signing in
+    expect(other.locator("#view[data-page=audit][data-ready=true]")).to_be_visible()
+    expect(other.locator("#who [data-me=vic]")).to_be_visible()
     p.click("#sign-out")
     expect(p.locator("#login-form")).to_be_visible()
     assert p.evaluate("sessionStorage.getItem('stagegate.token')") is None
@@ -440,7 +447,10 @@ def test_fleet_lineage_audit_and_card_pages_show_what_the_api_holds(
         f"/transitions/{t2['id']}/approvals",
         json={"decision": "approve", "comment": "ok"},
     )
-    t3 = api.request("dana", "fraud", 3, Stage.rejected)
+    t3 = api.request("dana", "fraud", 3, Stage.shadow)
+    no = {"decision": "reject", "comment": "latency too high"}
+    api("bob", "POST", f"/transitions/{t3['id']}/approvals", json=no)
+    api.request("dana", "scorer", 1, Stage.shadow)  # left pending
     with transaction(engine) as s:  # enough audit rows for a second page
         for i in range(55):
             audit.append(
@@ -458,7 +468,16 @@ def test_fleet_lineage_audit_and_card_pages_show_what_the_api_holds(
     )
     expect(row.locator("[data-drift]")).to_have_attribute("data-drift", entry["drift"]["status"])
     expect(p.locator("[data-figure=pending] .value")).to_have_text(str(fleet["pending_approvals"]))
-    assert fleet["pending_approvals"] == 1 == entry["pending_approvals"]  # v3's rejection waits
+    assert fleet["pending_approvals"] == 1
+    assert entry["pending_approvals"] == 0
+    share = fleet["rejected"]["share"]
+    expect(p.locator("[data-figure=rejected] .value")).to_have_text(f"{share * 100:.1f}%")
+    reasons = p.eval_on_selector_all(
+        "#rejection-reasons tr[data-reason]",
+        "els => els.map(e => [e.dataset.reason, +e.cells[1].textContent])",
+    )
+    assert reasons == [[r["reason"], r["count"]] for r in fleet["rejected"]["reasons"]]
+    assert reasons == [["latency too high", 1]]
     expect(p.locator("tr[data-model]")).to_have_count(len(fleet["models"]))
 
     # Lineage of v2: datasets → run → version → transition → approval, and its consumer.
@@ -505,7 +524,6 @@ def test_fleet_lineage_audit_and_card_pages_show_what_the_api_holds(
     assert set(
         p.eval_on_selector_all("#audit tr", "els => els.map(e => e.dataset.actor).filter(Boolean)")
     ) == {"alice"}
-    assert t3["id"]  # v3's request is in the log too, under dana
 
     # The model card, rendered, and its downloads.
     go(p, "#/card/fraud/2")

@@ -64,7 +64,10 @@ function signOut(): void {
 export async function signIn(secret: string): Promise<void> {
   me = await get<Me>("/me", {}, secret);
   token.set(secret);
-  location.hash = "#/fleet";
+  // A deep link (#/inbox) survives signing in; a bare visit lands on the fleet.
+  const route = parse(location.hash);
+  if (!route.parts.length || route.parts[0] === "login") location.hash = "#/fleet";
+  else await render();
 }
 
 async function render(): Promise<void> {

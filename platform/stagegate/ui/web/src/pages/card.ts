@@ -56,7 +56,7 @@ export async function cardPage(ctx: Context, name: string, version: number): Pro
       h("h2", {}, "Lineage"),
       value(card.lineage),
       h("h2", {}, "Approvals"),
-      table("card-approvals", (card.approvals as Doc[] | undefined) ?? [], ["approver", "role", "decision", "comment", "created_at"]),
+      table("card-approvals", (card.approvals as Doc[] | undefined) ?? [], ["from_stage", "to_stage", "approver", "role", "decision", "comment", "created_at"]),
       h("h2", {}, "Evidence"),
       table("card-evidence", evidence, ["kind", "passed", "reason", "sample_size", "created_at"]),
       h("h2", {}, "Production history"),

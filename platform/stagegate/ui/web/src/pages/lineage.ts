@@ -22,6 +22,11 @@ const NODE_H = 38;
 const GAP_X = 30;
 const GAP_Y = 12;
 
+// The whole text is in the node's tooltip and in the table below.
+function clip(text: string, max = 23): string {
+  return text.length > max ? `${text.slice(0, max - 1)}…` : text;
+}
+
 export async function lineagePage(ctx: Context, name: string, version: number): Promise<void> {
   const enc = encodeURIComponent(name);
   const lin = await get<Lineage>(`/models/${enc}/versions/${version}/lineage`);
@@ -105,8 +110,8 @@ export async function lineagePage(ctx: Context, name: string, version: number): 
       { class: `node kind-${n.kind}`, "data-node": n.id, "data-kind": n.kind, transform: `translate(${p.x},${p.y})` },
       s("title", {}, `${n.label}\n${n.detail}`),
       s("rect", { width: NODE_W, height: NODE_H }),
-      s("text", { x: 6, y: 15 }, n.label.slice(0, 24)),
-      s("text", { x: 6, y: 30, class: "muted" }, n.detail.slice(0, 26)),
+      s("text", { x: 6, y: 15 }, clip(n.label)),
+      s("text", { x: 6, y: 30, class: "muted" }, clip(n.detail)),
     );
     if (n.href) {
       const a = s("a", { href: n.href });

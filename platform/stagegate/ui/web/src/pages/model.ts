@@ -71,9 +71,9 @@ function experimentChart(exp: Experiment | null): Element {
     d ? ` at ${when(d.decided_at)}: ${d.reason}` : ` (${exp.looks.length} looks so far)`,
   );
   const chart = points.length
-    ? lineChart([{ name: "effect (canary − champion)", points }], {
+    ? lineChart([{ name: "effect", points }], {
         id: "experiment",
-        title: "Experiment: effect estimate and always-valid interval as samples grow",
+        title: "Experiment: effect (canary − champion) and always-valid interval as samples grow",
         xLabel: "units (canary + champion)",
         yLabel: "effect",
         zero: true,
