@@ -8,11 +8,12 @@ Python's parser recurses into it. Numbers that reach the database are bounded to
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # PostgreSQL's INTEGER, and far inside SQLite's 64 bits: versions, offsets, counts.
@@ -27,7 +28,17 @@ def _in_range(value: datetime | None) -> datetime | None:
     return value
 
 
-Instant = Annotated[datetime, AfterValidator(_in_range)]
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_text(value: Any) -> Any:
+    # Pydantic would read `0.5` or `1e9` as seconds since 1970; an instant here is ISO-8601.
+    if isinstance(value, str) and not _ISO_DATE.match(value):
+        raise ValueError("must be an ISO-8601 instant, e.g. 2026-11-27T10:00:00Z")
+    return value
+
+
+Instant = Annotated[datetime, BeforeValidator(_iso_text), AfterValidator(_in_range)]
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:

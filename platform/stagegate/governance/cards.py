@@ -52,7 +52,7 @@ def windows_of(session: Session, model: str, version: int) -> list[Window]:
             select(Approval.transition_id, Approval.digest)
             .join(Transition, col(Transition.id) == col(Approval.transition_id))
             .where(
-                col(Approval.transition_id).in_(opened),
+                col(Approval.transition_id).in_(sorted(opened)),
                 Approval.decision == "approve",
                 Transition.version == version,
                 col(Approval.digest).is_not(None),
@@ -154,18 +154,23 @@ def _lineage(session: Session, row: ModelVersion) -> dict[str, Any]:
 
 # -- Markdown ---------------------------------------------------------------------------------
 
-_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+# CommonMark lets a backslash escape any ASCII punctuation. `<`, `>` and `&` become entities
+# instead: renderers that escape less (Python-Markdown keeps `\<` as a backslash and a tag)
+# still show them as text.
+_PUNCTUATION = frozenset("!\"#$%'()*+,-./:;=?@[\\]^_`{|}~")
+_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
 
 
 def escape(value: object) -> str:
-    """Text as Markdown shows it literally: every ASCII punctuation mark backslash-escaped
-    (CommonMark allows it for all of them), so no link, image, HTML tag, autolink, emphasis
-    or table cell can be formed from it; line breaks and other control characters become
+    """Text as Markdown shows it literally, so no link, image, HTML tag, autolink, emphasis
+    or table cell can be formed from it. Line breaks and other control characters become
     spaces, so it cannot start a heading, a list or a link definition on a line of its own."""
     text = "" if value is None else str(value)
     out = []
     for ch in text:
-        if ch in _PUNCTUATION:
+        if ch in _ENTITIES:
+            out.append(_ENTITIES[ch])
+        elif ch in _PUNCTUATION:
             out.append("\\" + ch)
         elif ch < " " or ch == "\x7f" or ch in "\u2028\u2029\u0085":
             out.append(" ")
@@ -175,7 +180,7 @@ def escape(value: object) -> str:
 
 
 def _when(value: datetime | None) -> str:
-    return "now" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
+    return "unknown" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:

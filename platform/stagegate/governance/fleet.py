@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlmodel import Session, col, func, select
 
@@ -90,8 +90,12 @@ def quantile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def _grouped(session: Session, query: object) -> dict[str, int]:
-    return {str(name): int(n) for name, n in session.exec(query).all()}  # type: ignore[call-overload]
+def _counts(session: Session, name: Any, where: Any = None) -> dict[str, int]:
+    """Rows per model name: `select name, count(*) ... group by name`, in one query."""
+    query = select(name, func.count())
+    if where is not None:
+        query = query.where(where)
+    return {str(n): int(c) for n, c in session.exec(query.group_by(name)).all()}
 
 
 def lead_time(session: Session) -> LeadTime:
@@ -115,21 +119,9 @@ def lead_time(session: Session) -> LeadTime:
     )
     samples = []
     for registered, promoted in session.exec(first_production).all():
-        if promoted is None:
-            continue
-        # func.min skips the column type on SQLite: read the naive UTC text back as aware.
-        promoted = _aware(promoted)
-        samples.append(max(0.0, (promoted - registered).total_seconds()))
+        if promoted is not None:  # min() keeps the column's type: an aware UTC datetime
+            samples.append(max(0.0, (promoted - registered).total_seconds()))
     return LeadTime(quantile(samples, 0.5), quantile(samples, 0.9), len(samples))
-
-
-def _aware(value: object) -> datetime:
-    from datetime import UTC
-
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    assert isinstance(value, datetime)
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def rejections(session: Session, total_versions: int) -> Rejections:
@@ -157,12 +149,11 @@ def rejections(session: Session, total_versions: int) -> Rejections:
 
 def fleet(session: Session) -> Fleet:
     names = list(session.exec(select(RegisteredModel.name).order_by(col(RegisteredModel.name))))
-    counts = _grouped(
-        session,
-        select(ModelVersion.model_name, func.count()).group_by(col(ModelVersion.model_name)),
-    )
+    counts = _counts(session, col(ModelVersion.model_name))
     holders: dict[str, dict[DeploymentRole, Holder]] = {}
-    for v in session.exec(select(ModelVersion).where(col(ModelVersion.stage).in_(LIVE))).all():
+    for v in session.exec(
+        select(ModelVersion).where(col(ModelVersion.stage).in_(sorted(LIVE)))
+    ).all():
         holders.setdefault(v.model_name, {})[DEPLOYMENT_ROLE[v.stage]] = Holder(
             v.version, v.stage_changed_at
         )
@@ -170,20 +161,14 @@ def fleet(session: Session) -> Fleet:
         e.model_name: EndpointSpec.model_validate(e.spec)
         for e in session.exec(select(Endpoint)).all()
     }
-    pending = _grouped(
-        session,
-        select(Transition.model_name, func.count())
-        .where(Transition.status == TransitionStatus.pending)
-        .group_by(col(Transition.model_name)),
+    pending = _counts(
+        session, col(Transition.model_name), col(Transition.status) == TransitionStatus.pending
     )
-    alarms = _grouped(
-        session,
-        select(DriftAlarm.model_name, func.count())
-        .where(DriftAlarm.status == AlarmStatus.open)
-        .group_by(col(DriftAlarm.model_name)),
+    alarms = _counts(
+        session, col(DriftAlarm.model_name), col(DriftAlarm.status) == AlarmStatus.open
     )
     checked = {
-        name: _aware(at)
+        name: at
         for name, at in session.exec(
             select(Evaluation.model_name, func.max(Evaluation.created_at))
             .where(Evaluation.kind == "drift")

@@ -111,7 +111,7 @@ def identities_of(session: Session, mlflow_users: set[str]) -> dict[str, str]:
     if not mlflow_users:
         return {}
     rows = session.exec(
-        select(IdentityLink).where(col(IdentityLink.mlflow_user).in_(mlflow_users))
+        select(IdentityLink).where(col(IdentityLink.mlflow_user).in_(sorted(mlflow_users)))
     ).all()
     return {r.mlflow_user: r.identity for r in rows}
 

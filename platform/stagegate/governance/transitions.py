@@ -359,8 +359,8 @@ def allowed_actions(
     names = {t.model_name for t in rows}
     found = session.exec(
         select(ModelVersion).where(
-            col(ModelVersion.model_name).in_(names),
-            col(ModelVersion.version).in_({t.version for t in rows}),
+            col(ModelVersion.model_name).in_(sorted(names)),
+            col(ModelVersion.version).in_(sorted({t.version for t in rows})),
         )
     ).all()
     by_key = {(v.model_name, v.version): v for v in found}
