@@ -31,6 +31,10 @@ UI_SRC := $(shell find $(UI_WEB)/src $(UI_WEB)/public $(UI_WEB)/scripts -type f 
 ui: $(UI_OUT)/index.html
 
 $(UI_OUT)/index.html: $(UI_SRC)
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; fi; \
+	fi
 	rm -rf $(UI_OUT)
 	cd $(UI_WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
 	touch $@

@@ -311,6 +311,9 @@ def test_the_authors_own_request_shows_a_disabled_approve_with_its_reason(
         "title", verdict["reason"]
     )
     expect(p.locator("#inbox-summary")).to_have_attribute("data-actionable", "0")
+    p.check("#only-mine")  # what she may act on: nothing
+    expect(p.locator("#view[data-page=inbox][data-ready=true] #only-mine")).to_be_checked()
+    expect(p.locator("[data-transition]")).to_have_count(0)
     # The viewer sees it too, with the role refusal.
     vic = api("vic", "GET", f"/transitions/{t['id']}")["allowed_actions"]["reject"]
     v = open_as(context, live_api_url, people["vic"], "#/inbox")

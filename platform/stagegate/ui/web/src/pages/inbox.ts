@@ -86,15 +86,23 @@ export function transitionCard(t: Transition): HTMLElement {
 
 export async function inboxPage(ctx: Context): Promise<void> {
   const page = await get<Page<Transition>>("/transitions", { status: "pending", limit: 200 });
-  const items = [...page.data].sort((a, b) => Number(actionable(b)) - Number(actionable(a)));
-  const mine = items.filter(actionable).length;
+  const all = [...page.data].sort((a, b) => Number(actionable(b)) - Number(actionable(a)));
+  const mine = all.filter(actionable);
+  // Everything pending by default, so people see what waits on others and why they can't act.
+  const onlyMine = ctx.route.query.get("mine") === "1";
+  const items = onlyMine ? mine : all;
+  const toggle = h("input", { type: "checkbox", id: "only-mine", checked: onlyMine });
+  toggle.addEventListener("change", () => {
+    location.hash = toggle.checked ? "#/inbox?mine=1" : "#/inbox";
+  });
   ctx.view.replaceChildren(
     h("h1", {}, "Approvals"),
     h(
       "p",
-      { id: "inbox-summary", "data-pending": items.length, "data-actionable": mine },
-      `${items.length} pending; you (${ctx.me.name}, ${ctx.me.role}) may act on ${mine}.`,
+      { id: "inbox-summary", "data-pending": all.length, "data-actionable": mine.length },
+      `${all.length} pending; you (${ctx.me.name}, ${ctx.me.role}) may act on ${mine.length}. `,
+      h("label", {}, toggle, " only those I may act on"),
     ),
-    ...(items.length ? items.map(transitionCard) : [h("p", { class: "muted" }, "Nothing is waiting for a decision.")]),
+    ...(items.length ? items.map(transitionCard) : [h("p", { class: "muted" }, "Nothing is waiting for you.")]),
   );
 }
