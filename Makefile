@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PG_DIR  ?= /tmp/stagegate-test-pg
 PG_PORT ?= 54329
 
-.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down helm-bin
+.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down helm-bin ui browser
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,26 @@ $(TORCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
 	touch $@
 
-demo: $(STAMP)
+demo: $(STAMP) ui
 	$(BIN)/stagegate demo
+
+# The web UI (docs/ui.md): TypeScript in $(UI_WEB), compiled by the locked npm packages into
+# platform/stagegate/ui/static/, which the API mounts at /ui. Rebuilt when a source changes.
+UI_WEB := platform/stagegate/ui/web
+UI_OUT := platform/stagegate/ui/static
+UI_SRC := $(shell find $(UI_WEB)/src $(UI_WEB)/public $(UI_WEB)/scripts -type f 2>/dev/null) \
+	$(UI_WEB)/package.json $(UI_WEB)/package-lock.json $(UI_WEB)/tsconfig.json
+
+ui: $(UI_OUT)/index.html
+
+$(UI_OUT)/index.html: $(UI_SRC)
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q npm; fi; \
+	fi
+	rm -rf $(UI_OUT)
+	cd $(UI_WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+	touch $@
 
 down: $(STAMP)
 	$(BIN)/stagegate down
@@ -40,6 +58,13 @@ debs:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; fi; \
+	fi
+
+# Debian's chromium, which the browser tests drive through Playwright (never a downloaded one).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi; \
 	fi
 
 lint: $(STAMP)
@@ -57,7 +82,7 @@ imports: $(STAMP)
 helm-bin: $(STAMP)
 	sh helm/install-helm.sh $(VENV)
 
-pytest: $(STAMP) $(TORCH_STAMP) debs helm-bin
+pytest: $(STAMP) $(TORCH_STAMP) debs helm-bin ui browser
 	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
 	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
@@ -88,4 +113,4 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements-dev.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(UI_OUT) $(UI_WEB)/node_modules

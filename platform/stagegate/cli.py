@@ -354,7 +354,8 @@ def demo(
             stack.down(settings)
     if not exit_:
         console.print(
-            f"\nAPI docs: {settings.api.url}/api/docs   MLflow: "
+            f"\nWeb UI: {settings.api.url}/ui/ (pick a demo user to sign in)\n"
+            f"API docs: {settings.api.url}/api/docs   MLflow: "
             f"{settings.mlflow.tracking_uri}   Prefect: "
             f"{settings.prefect.api_url.removesuffix('/api')}\n"
             "Stop everything with: .venv/bin/stagegate down"

@@ -7,6 +7,7 @@ itself reaches MLflow only through `registry/mlflow.py`). It trains on generated
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +28,7 @@ from stagegate.db import make_engine, transaction
 from stagegate.governance import identities, tokens
 from stagegate.lifecycle.stages import DEPLOYMENT_ROLE, Role, Stage
 from stagegate.settings import Settings
+from stagegate.ui import demo_users_path
 
 FEATURES = [f"f{i}" for i in range(20)]
 COLUMNS = [*FEATURES, "channel"]
@@ -57,6 +60,21 @@ def link_author(session: Session, mlflow_user: str) -> bool:
     """Link the demo's MLflow login to dana, so separation of duties knows the versions are
     hers (an admin's step; `stagegate token link dana USER` does the same)."""
     return identities.link(session, identity=AUTHOR, mlflow_user=mlflow_user, actor="demo")
+
+
+def write_demo_users(settings: Settings, secrets: dict[str, str]) -> Path:
+    """The web UI's 'demo users' picker reads this file (mode 0600, never in prod mode)."""
+    if settings.mode == "prod":
+        raise ValueError("prod mode never writes demo tokens to disk")
+    path = demo_users_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = [{"name": n, "role": PEOPLE[n].value, "token": t} for n, t in secrets.items()]
+    # Created 0600 before any secret is written, so no other user can ever read it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have had looser bits
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    return path
 
 
 @dataclass
@@ -167,15 +185,16 @@ class Demo:
 
     def issue_tokens(self) -> None:
         engine = make_engine(self.settings.database_url)
+        secrets: dict[str, str] = {}
         with transaction(engine) as s:
             for name, role in PEOPLE.items():
-                self.headers[name] = {
-                    "Authorization": "Bearer "
-                    + tokens.create_token(s, name=name, role=role, actor="demo")
-                }
+                secrets[name] = tokens.create_token(s, name=name, role=role, actor="demo")
+                self.headers[name] = {"Authorization": f"Bearer {secrets[name]}"}
             login = mlflow_login()
             link_author(s, login)
         engine.dispose()
+        if self.settings.mode != "prod":
+            write_demo_users(self.settings, secrets)
         self.say(
             "[bold]1.[/] tokens issued: dana (author), alice and bob (approvers), "
             f"vic (viewer), ops and sam (admins); dana's MLflow login {login!r} linked to dana"

@@ -30,6 +30,7 @@ from stagegate.api.routers import (
 from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
 from stagegate.settings import Settings, get_settings
+from stagegate.ui import UiApp
 
 # Every router the app mounts; the authorization test walks exactly these.
 ROUTERS = (
@@ -74,5 +75,7 @@ def create_app(
     )
     for router in ROUTERS:
         app.include_router(router)
+    # The web UI: static files under a mount, so no API route and nothing in the OpenAPI.
+    app.mount("/ui", UiApp(settings), name="ui")
     logging.getLogger("stagegate").setLevel(logging.INFO)
     return app
