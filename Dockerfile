@@ -11,6 +11,14 @@
 # Both stages use the same BASE, so the venv's interpreter links stay valid in the final image.
 ARG BASE=python:3.11-slim-bookworm
 
+# -- ui: the web UI compiled with the locked npm packages (docs/ui.md) -------------------------
+FROM node:20-bookworm-slim AS ui
+WORKDIR /src/platform/stagegate/ui/web
+COPY platform/stagegate/ui/web/package.json platform/stagegate/ui/web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY platform/stagegate/ui/web ./
+RUN npm run build
+
 # -- build: uv and the build backend live here only ------------------------------------------
 FROM ${BASE} AS build
 SHELL ["/bin/sh", "-eu", "-c"]
@@ -29,6 +37,7 @@ COPY requirements.lock ./
 RUN uv pip install --python /opt/venv/bin/python --no-cache -r requirements.lock
 COPY pyproject.toml README.md LICENSE ./
 COPY platform ./platform
+COPY --from=ui /src/platform/stagegate/ui/static ./platform/stagegate/ui/static
 RUN uv pip install --python /opt/venv/bin/python --no-cache --no-deps .
 
 # -- runtime: the venv, the flows and a non-root user; no uv, no compilers --------------------

@@ -24,6 +24,7 @@ import typer.main
 import yaml
 
 from stagegate.cli import app as cli_app
+from stagegate.settings import KubernetesSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "stagegate"
@@ -575,6 +576,10 @@ def test_gpu_values_reach_the_model_server_defaults() -> None:
     # One JSON object in the shape of a model policy's `serving` spec, as given.
     defaults = json.loads(env["STAGEGATE_KUBERNETES__SERVING_DEFAULTS"])
     assert defaults == wanted["defaults"]
+    # The worker's settings take it as the cluster's serving spec.
+    kube = KubernetesSettings.model_validate({"serving_defaults": defaults})
+    assert kube.serving_defaults is not None
+    assert kube.serving_defaults.gpus == defaults["gpus"]
     assert defaults["gpus"] >= 1
     assert defaults["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert env["STAGEGATE_KUBERNETES__IMAGE"].endswith(":" + wanted["image"]["tag"])
@@ -694,3 +699,35 @@ def test_secure_defaults_in_values() -> None:
     assert values["podSecurityContext"]["runAsNonRoot"] is True
     assert values["podSecurityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert not any(values[k]["enabled"] for k in ("postgresql", "mlflow", "prefect"))
+
+
+@slow
+def test_the_inference_log_on_s3_needs_no_volume_and_reaches_every_pod_that_uses_it() -> None:
+    """The API (feedback labels, reports), router (writes) and worker (reads) all see the same
+    log: one shared volume by default, or the object store with its credentials."""
+    users = ("-api", "-router", "-worker")
+
+    def containers(objs: list[Any], suffix: str) -> dict[str, Any]:
+        spec = one(objs, "Deployment", suffix)["spec"]["template"]["spec"]
+        (main,) = (c for c in spec["containers"] if c["name"] == suffix[1:])
+        return {"pod": spec, "main": main}
+
+    s3 = template(ci("s3"))
+    url = ci_values("s3")["inferenceLog"]["url"]
+    assert find(s3, "PersistentVolumeClaim") == []
+    assert one(s3, "ConfigMap", "-config")["data"]["STAGEGATE_SERVING__LOG_URL"] == url
+    for suffix in users:
+        got = containers(s3, suffix)
+        refs = [e["secretRef"]["name"] for e in got["main"].get("envFrom", []) if "secretRef" in e]
+        assert refs == ["stagegate-inference-log"], (suffix, got["main"].get("envFrom"))
+        assert "inference-log" not in {v["name"] for v in got["pod"]["volumes"]}
+    router = containers(s3, "-router")["main"]["args"]
+    assert router[router.index("--log-dir") + 1] == url
+
+    shared = template(ci("minimal"))
+    assert one(shared, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    for suffix in users:
+        got = containers(shared, suffix)
+        mounts = {m["name"]: m["mountPath"] for m in got["main"]["volumeMounts"]}
+        assert mounts["inference-log"] == "/var/lib/stagegate/inference-log", suffix
+        assert not [e for e in got["main"].get("envFrom", []) if "secretRef" in e]

@@ -246,9 +246,12 @@ def test_a_reader_never_sees_a_partial_file_while_the_writer_flushes(bucket: str
     log = LocalInferenceLog(root, flush_rows=batch, flush_interval_s=60, features_flush_rows=1)
     done = threading.Event()
     errors: list[BaseException] = []
-    readers = {  # what each reader counts: records, feature rows (two per record), via DuckDB
+    # What each reader counts, and the unit a whole file holds: records flush in batches;
+    # feature rows (two per record) flush whenever the writer's thread takes records, which
+    # may be part of a batch, so their unit is one record's two rows.
+    readers = {
         "records": (batch, lambda: read_records(root, model="fraud").num_rows),
-        "features": (2 * batch, lambda: read_features(root, model="fraud").num_rows),
+        "features": (2, lambda: read_features(root, model="fraud").num_rows),
         "duckdb": (batch, lambda: query(root, "SELECT count(*) AS n FROM inference")[0][0]),
     }
     seen: dict[str, list[int]] = {name: [] for name in readers}
@@ -281,7 +284,7 @@ def test_a_reader_never_sees_a_partial_file_while_the_writer_flushes(bucket: str
     for name, (unit, _) in readers.items():
         counts = seen[name]
         assert any(0 < n < batch * batches for n in counts), (name, counts)  # mid-way reads
-        # Whole files only: whole batches, in the order they were written.
+        # Whole files only: whole units, in the order they were written.
         assert all(n % unit == 0 for n in counts), (name, counts)
         assert counts == sorted(counts), (name, counts)
     assert read_records(root).num_rows == batch * batches

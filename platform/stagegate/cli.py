@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -385,7 +387,6 @@ def token_create(
 
     The platform's own identities (stagegate, mlflow-webhook, stagegate-router) are refused.
     """
-    from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
     from stagegate.migrate import upgrade
 
@@ -402,7 +403,7 @@ def token_create(
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     try:
-        with transaction(make_engine(settings.database_url)) as s:
+        with _db(settings.database_url) as s:
             secret = tokens.create_token(s, name=who, role=role, expires_in=lifetime)
     except StagegateError as exc:
         raise _fail(exc.detail) from None
@@ -416,14 +417,13 @@ def token_list(
     """Every token: name, role, created, expires, revoked (never a secret or a hash)."""
     from dataclasses import asdict
 
-    from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
     from stagegate.migrate import upgrade
 
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
-    with transaction(make_engine(settings.database_url), read_only=True) as s:
+    with _db(settings.database_url, read_only=True) as s:
         rows = tokens.list_tokens(s)
     if as_json:
         iso = {"created_at", "expires_at", "revoked_at"}
@@ -458,14 +458,13 @@ def token_revoke(
     ] = None,
 ) -> None:
     """Revoke every active token of an identity."""
-    from stagegate.db import make_engine, transaction
     from stagegate.governance import tokens
 
     who = name if name is not None else name_option
     if who is None:
         raise _fail("name the identity: stagegate token revoke NAME", code=2)
     try:
-        with transaction(make_engine(get_settings().database_url)) as s:
+        with _db(get_settings().database_url) as s:
             n = tokens.revoke_token(s, name=who)
     except StagegateError as exc:
         raise _fail(exc.detail) from None
@@ -479,7 +478,6 @@ def token_link(
 ) -> None:
     """Link an MLflow user name to an identity: versions that MLflow user registers are then
     the identity's own, which may not approve them (separation of duties)."""
-    from stagegate.db import make_engine, transaction
     from stagegate.governance import identities
     from stagegate.migrate import upgrade
 
@@ -487,7 +485,7 @@ def token_link(
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     try:
-        with transaction(make_engine(settings.database_url)) as s:
+        with _db(settings.database_url) as s:
             added = identities.link(s, identity=name, mlflow_user=mlflow_user, actor="cli")
     except StagegateError as exc:
         raise _fail(exc.detail) from None
@@ -500,11 +498,10 @@ def token_unlink(
     mlflow_user: Annotated[str, typer.Argument(help="The MLflow user name to unlink.")],
 ) -> None:
     """Remove a link; that MLflow user's versions are then unmapped (see the policy)."""
-    from stagegate.db import make_engine, transaction
     from stagegate.governance import identities
 
     try:
-        with transaction(make_engine(get_settings().database_url)) as s:
+        with _db(get_settings().database_url) as s:
             identities.unlink(s, identity=name, mlflow_user=mlflow_user, actor="cli")
     except StagegateError as exc:
         raise _fail(exc.detail) from None
@@ -683,11 +680,14 @@ def k8s_render(
         raise _fail(f"unknown role {role!r}; one of champion, challenger, shadow") from None
     settings = get_settings()
     engine = make_engine(settings.database_url)
-    with transaction(engine, read_only=True) as session:
-        spec = policies.get_policy(session, model).serving
-        endpoint = endpoints.find_endpoint(session, model)
-        row = versions.find_version(session, model, version) if version is not None else None
-        recorded = row.digest if row is not None else None
+    try:
+        with transaction(engine, read_only=True) as session:
+            spec = policies.get_policy(session, model).serving
+            endpoint = endpoints.find_endpoint(session, model)
+            row = versions.find_version(session, model, version) if version is not None else None
+            recorded = row.digest if row is not None else None
+    finally:
+        engine.dispose()  # a one-shot command: close its connections, don't leave them to GC
     roles = {v: r for r, v in endpoint.spec.arms.items()} if endpoint else {}
     digests = endpoint.spec.digests if endpoint else {}
     if version is not None:
@@ -711,6 +711,20 @@ def k8s_render(
     except StagegateError as exc:
         raise _fail(exc.detail) from None
     typer.echo(to_yaml(docs), nl=False)
+
+
+@contextmanager
+def _db(url: str, *, read_only: bool = False) -> Iterator[Any]:
+    """One transaction on a one-shot engine, disposed after: a command's connections are
+    closed, not left to the garbage collector."""
+    from stagegate.db import make_engine, transaction
+
+    engine = make_engine(url)
+    try:
+        with transaction(engine, read_only=read_only) as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":

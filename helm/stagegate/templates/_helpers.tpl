@@ -132,6 +132,35 @@ app.kubernetes.io/component: {{ .component }}
   mountPath: /tmp
 {{- end -}}
 
+{{/* Where the inference log lives: the object-store URL, else the shared volume's path. */}}
+{{- define "stagegate.logUrl" -}}
+{{- default "/var/lib/stagegate/inference-log" .Values.inferenceLog.url -}}
+{{- end -}}
+
+{{/* The log's volume mount and volume: only when it is not on an object store. */}}
+{{- define "stagegate.logMounts" -}}
+{{- if not .Values.inferenceLog.url }}
+- name: inference-log
+  mountPath: /var/lib/stagegate/inference-log
+{{- end }}
+{{- end -}}
+
+{{- define "stagegate.logVolumes" -}}
+{{- if not .Values.inferenceLog.url }}
+- name: inference-log
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-inference-log" (include "stagegate.fullname" .)) .Values.inferenceLog.existingClaim }}
+{{- end }}
+{{- end -}}
+
+{{/* The object store's credentials (AWS_* variables), for the pods that read or write the log. */}}
+{{- define "stagegate.logEnvFrom" -}}
+{{- with .Values.inferenceLog.credentialsSecret }}
+- secretRef:
+    name: {{ . }}
+{{- end }}
+{{- end -}}
+
 {{- define "stagegate.scratchVolumes" -}}
 - name: home
   emptyDir: {}
