@@ -45,7 +45,8 @@ function extent(values: number[], fallback: [number, number]): [number, number] 
   let lo = Math.min(...finite);
   let hi = Math.max(...finite);
   if (lo === hi) {
-    const pad = Math.abs(lo) * 0.1 || 1;
+    // One point: an hour either side of an instant (epoch ms), a tenth of a plain value.
+    const pad = Math.abs(lo) > 1e11 ? 3_600_000 : Math.abs(lo) * 0.1 || 1;
     lo -= pad;
     hi += pad;
   }
