@@ -24,13 +24,12 @@ from stagegate.events.sink import EventSink
 from stagegate.experiments.decision import Decision, GuardrailCheck, decide
 from stagegate.experiments.sequential import SequentialResult, sequential_test
 from stagegate.experiments.variance import cuped, winsorize
-from stagegate.governance import evaluations, experiments, transitions, versions
+from stagegate.governance import evaluations, experiments, transitions
 from stagegate.governance.models import ExperimentLook
-from stagegate.governance.policies import get_policy
 from stagegate.lifecycle.policy import ExperimentCriteria
 from stagegate.lifecycle.stages import Stage
 from stagegate.serving.inference_log.labels import read_outcomes
-from stagegate.steps.common import SERVICE, regate
+from stagegate.steps.common import SERVICE, evidence_context, regate
 from stagegate.steps.experiment_data import Samples, samples
 
 KIND = "experiment"
@@ -168,16 +167,9 @@ def look(
 ) -> ExperimentOutcome:
     """One look. Returns the recorded decision if this experiment was decided before."""
     now = now or utcnow()
-    with transaction(engine, read_only=True) as session:
-        row = versions.get_version(session, model, version)
-        policy = get_policy(session, model)
-        champion = versions.holder(session, model, Stage.production)
-        champion_version = champion.version if champion else None
-        digest, since, stage = row.digest, row.stage_changed_at, row.stage
-        metrics = dict(row.metrics)
-        champion_metrics = dict(champion.metrics) if champion else {}
-        key = evaluations.evidence_key(model, version, KIND, since, digest, champion_version)
-        recorded = evaluations.find(session, key)
+    ctx = evidence_context(engine, model, version, KIND)
+    policy, recorded, champion_version = ctx.policy, ctx.recorded, ctx.champion_version
+    digest, since, stage = ctx.digest, ctx.since, ctx.stage
     c = policy.experiment
     if stage is not Stage.canary or c is None:
         return ExperimentOutcome(model, version, "continue", f"v{version} runs no experiment")
@@ -224,7 +216,7 @@ def look(
             min_effect=c.min_effect,
             higher_is_better=c.higher_is_better,
         )
-        offline = _offline_gain(metrics, champion_metrics, policy.primary_metric)
+        offline = _offline_gain(ctx.metrics, ctx.champion_metrics, policy.primary_metric)
         summary = _summary(s, primary, info, guardrails, decision, offline, c, elapsed)
     outcome = ExperimentOutcome(model, version, decision.action, decision.reason, summary=summary)
     with transaction(engine) as session:

@@ -23,14 +23,13 @@ from stagegate.errors import InvalidInput, PermanentError
 from stagegate.events.sink import EventSink
 from stagegate.experiments.offpolicy import GatePolicy, counterfactual_gate
 from stagegate.experiments.reward_model import cross_fitted_q_hat
-from stagegate.governance import evaluations, transitions, versions
-from stagegate.governance.policies import get_policy
+from stagegate.governance import evaluations, transitions
 from stagegate.lifecycle.policy import OffPolicyCriteria
 from stagegate.lifecycle.stages import DeploymentRole, Stage
 from stagegate.registry.protocol import ModelRegistry
 from stagegate.serving.inference_log.features import META_SCHEMA, read_features
 from stagegate.serving.inference_log.labels import read_labels
-from stagegate.steps.common import SERVICE, regate
+from stagegate.steps.common import SERVICE, evidence_context, regate
 from stagegate.steps.experiment_data import metric_value
 
 KIND = "offpolicy"
@@ -229,16 +228,9 @@ def evaluate_candidate(
 ) -> OffPolicyOutcome:
     """Decide the candidate's offline report once (keyed by digest and champion)."""
     now = now or utcnow()
-    with transaction(engine, read_only=True) as session:
-        row = versions.get_version(session, model, version)
-        policy = get_policy(session, model)
-        champion = versions.holder(session, model, Stage.production)
-        champion_version = champion.version if champion else None
-        digest, since, stage = row.digest, row.stage_changed_at, row.stage
-        recorded = evaluations.find(
-            session,
-            evaluations.evidence_key(model, version, KIND, since, digest, champion_version),
-        )
+    ctx = evidence_context(engine, model, version, KIND)
+    policy, recorded, champion_version = ctx.policy, ctx.recorded, ctx.champion_version
+    digest, since, stage = ctx.digest, ctx.since, ctx.stage
     out = OffPolicyOutcome(model, version)
     c = policy.offpolicy
     if c is None or stage is not Stage.candidate:
