@@ -105,7 +105,7 @@ bench-debs:
 
 # Each benchmark prints one JSON object as its last line; BENCH_ARGS=--quick for a short run.
 bench: $(STAMP) $(TORCH_STAMP) bench-debs
-	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
+	@set -e; for b in benchmarks/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b $(BENCH_ARGS); done
 
 # requirements.lock: what the image installs; requirements-dev.lock adds the test tools.
 lock: $(STAMP)

@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _process import running
 
 WIDTH, HIDDEN, DEPTH = 256, 1024, 3
 RAW_BATCH = 512
@@ -100,35 +97,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running(argv: list[str], url: str, log: Path) -> Iterator[float]:
-    """Start the server in its own process group; yield seconds to healthy; stop the group."""
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while True:
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(url + "/health", timeout=2) as resp,  # noqa: S310 - our http URL
-            ):
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() - started > 180:
-                raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield time.monotonic() - started
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def request_body(rows: np.ndarray[Any, Any], fmt: str) -> tuple[bytes, str]:
@@ -284,7 +252,9 @@ def main() -> None:
         argv = [sys.executable, "-m", "stagegate.cli", "serve-model", str(work / "model")]
         argv += ["--port", str(port), "--device", device, "--max-batch-rows", str(RAW_BATCH)]
         argv += ["--max-wait-ms", str(args.max_wait_ms)]
-        with running(argv, url, work / "server.log") as ready_s:
+        with running(
+            argv, url, work / "server.log", start_timeout_s=180, stop_timeout_s=30
+        ) as ready_s:
             version = post_get(url + "/version")
             got = np.asarray(post(url, *request_body(check_rows, "json"))["predictions"])
             served_diff = float(np.abs(got - want).max())

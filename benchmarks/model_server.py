@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from _process import running as serve
 
 FEATURES = 20
 BIN = Path(sys.executable).parent
@@ -75,35 +76,11 @@ def body(rows: list[list[float]]) -> bytes:
 
 @contextlib.contextmanager
 def running(argv: list[str], url: str, log: Path) -> Iterator[float]:
-    """Start a server in its own process group; yield seconds to healthy; stop the group."""
+    """A server with our venv first on PATH and no tracking URI from the caller's shell."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        while True:
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(url + "/health", timeout=2) as resp,  # noqa: S310 - our http URL
-            ):
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() - started > 120:
-                raise SystemExit(f"{argv[:3]} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield time.monotonic() - started
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with serve(argv, url, log, env=env) as ready_s:
+        yield ready_s
 
 
 def post(url: str, payload: bytes) -> Any:
