@@ -170,23 +170,20 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
         )
     tid = pending.id
     approve = {"decision": "approve", "comment": "looks fine"}
+    decide_url = f"/api/v1/transitions/{tid}/approvals"
 
     with (
         live_api(Settings(home=tmp_path / "home"), engine) as url,
         httpx.Client(base_url=url, timeout=10) as api,
     ):
-        acked = api.post(
-            f"/api/v1/transitions/{tid}/approvals", headers=people["alice"], json=approve
-        )
+        acked = api.post(decide_url, headers=people["alice"], json=approve)
         assert acked.status_code == 201, acked.text
         assert acked.json()["status"] == "pending"
 
         postgres.stop()
         down_at = time.monotonic()
         writes = {
-            "POST approval": lambda: api.post(
-                f"/api/v1/transitions/{tid}/approvals", headers=people["bob"], json=approve
-            ),
+            "POST approval": lambda: api.post(decide_url, headers=people["bob"], json=approve),
             "POST transition": lambda: api.post(
                 "/api/v1/transitions",
                 headers=people["erin"],
@@ -228,14 +225,10 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
         seen = api.get(f"/api/v1/transitions/{tid}", headers=people["bob"])
         assert seen.status_code == 200, seen.text
         assert seen.json()["status"] == "pending"
-        retried = api.post(
-            f"/api/v1/transitions/{tid}/approvals", headers=people["bob"], json=approve
-        )
+        retried = api.post(decide_url, headers=people["bob"], json=approve)
         assert retried.status_code == 201, retried.text
         assert retried.json()["status"] == TransitionStatus.approved.value
-        again = api.post(
-            f"/api/v1/transitions/{tid}/approvals", headers=people["bob"], json=approve
-        )
+        again = api.post(decide_url, headers=people["bob"], json=approve)
         assert again.status_code == 409, again.text
         assert _approvals(engine, tid) == {"alice": 1, "bob": 1}
         # Nothing the refused writes asked for happened.
@@ -245,5 +238,6 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
         listed = api.get("/api/v1/transitions?model=fraud", headers=people["bob"]).json()
         assert [t["id"] for t in listed["data"]] == [tid]
         verified = api.get("/api/v1/audit/verify", headers=people["root"])
-        assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
+        assert verified.status_code == 200, verified.text
+        assert verified.json()["ok"] is True, verified.text
     engine.dispose()
