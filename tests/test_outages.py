@@ -24,20 +24,29 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from stagegate.api.app import create_app
 from stagegate.db import make_engine, transaction, utcnow
+from stagegate.errors import RetryableError
+from stagegate.events.signature import sign
 from stagegate.events.sink import MemorySink
-from stagegate.governance import policies, transitions
+from stagegate.governance import policies, transitions, versions
 from stagegate.governance.models import TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.migrate import upgrade
+from stagegate.registry.protocol import STAGE_TAG
 from stagegate.settings import Settings
+from stagegate.steps.apply import apply_transition
+from stagegate.steps.converge import DataPlane
+from stagegate.steps.intake import intake
+from stagegate.steps.reconcile import reconcile
 from tests.factories import Factory
+from tests.fakes import FakeBackend
 from tests.fixtures import mlflow_server as mlflow_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,4 +249,140 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
         verified = api.get("/api/v1/audit/verify", headers=people["root"])
         assert verified.status_code == 200, verified.text
         assert verified.json()["ok"] is True, verified.text
+    engine.dispose()
+
+
+# -- MLflow down while intake and apply need it ----------------------------------------------
+
+
+@contextlib.contextmanager
+def mlflow_at(
+    root: Path, port: int, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[mlflow_fixture.MlflowServer]:
+    """The fixture's `mlflow server` on a port of our choosing, so that a restart over the same
+    store comes back at the address the registry client already holds."""
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow_fixture, "free_port", lambda: port)
+        running = mlflow_fixture.run_mlflow_server(root)
+        server = running.__enter__()
+    try:
+        yield server
+    finally:
+        running.__exit__(None, None, None)
+
+
+def _signed(settings: Settings, body: Json) -> tuple[bytes, dict[str, str]]:
+    raw = json.dumps(body).encode()
+    delivery_id, stamp = str(uuid.uuid4()), int(time.time())
+    return raw, {
+        "x-mlflow-delivery-id": delivery_id,
+        "x-mlflow-timestamp": str(stamp),
+        "x-mlflow-signature": sign(settings.webhook.secret, delivery_id, stamp, raw),
+        "content-type": "application/json",
+    }
+
+
+@pytest.mark.slow
+def test_an_mlflow_outage_is_retryable_spares_the_api_and_reconcile_catches_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from stagegate.registry.mlflow import MlflowRegistry
+
+    # mlflow's own HTTP retries default to minutes of backoff; the steps' callers retry instead.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    db_url = f"sqlite:///{tmp_path / 'governance.db'}"
+    upgrade(db_url)  # its own SQLite: one MLflow cycle per run, whatever backends the suite has
+    engine = make_engine(db_url)
+    sink = MemorySink()
+    settings = Settings(home=tmp_path / "home")
+    factory = Factory(engine)
+    people = {"erin": factory.token("erin", "author"), "alice": factory.token("alice", "approver")}
+    root, port = tmp_path / "mlflow", mlflow_fixture.free_port()
+
+    with mlflow_at(root, port, monkeypatch) as server:
+        v1, run1 = mlflow_fixture.register_sklearn_model(server.url, "outage", n_estimators=3)
+        client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
+        source = str(client.get_model_version("outage", str(v1)).source)
+        # A second version of the same logged model (no training): registered while MLflow is
+        # up, its intake runs once MLflow is gone.
+        v2 = int(
+            client.create_model_version(
+                "outage", source, run_id=run1, model_id=source.removeprefix("models:/")
+            ).version
+        )
+        client.create_registered_model("fraud")  # a second model, for the API's requests
+        client.create_model_version(
+            "fraud", source, run_id=run1, model_id=source.removeprefix("models:/")
+        )
+        factory.version("fraud", 1)
+        registry = MlflowRegistry(server.url)
+        first = intake(engine, registry, sink, "outage", v1)
+        assert first.transition_id is not None
+    # MLflow is stopped (its whole process group): the registry client keeps its address.
+
+    with pytest.raises(RetryableError):
+        intake(engine, registry, sink, "outage", v2)
+    with pytest.raises(RetryableError):  # a reconcile run in the outage is retried, not failed
+        reconcile(
+            engine, registry, sink, DataPlane(FakeBackend(), router_url=None), stale_after_s=0
+        )
+    with transaction(engine, read_only=True) as s:
+        assert ("outage", v2) not in versions.known_versions(s)
+
+    # The API's webhook and transition endpoints need no MLflow.
+    with TestClient(create_app(settings, engine=engine, sink=sink)) as api:
+        approved = api.post(
+            f"/api/v1/transitions/{first.transition_id}/approvals",
+            headers=people["alice"],
+            json={"decision": "approve", "comment": "ok"},
+        )
+        assert approved.status_code == 201, approved.text
+        assert approved.json()["status"] == "approved"
+        requested = api.post(
+            "/api/v1/transitions",
+            headers=people["erin"],
+            json={"model": "fraud", "version": 1, "to_stage": "shadow", "reason": "ready"},
+        )
+        assert requested.status_code == 201, requested.text
+        created = {"entity": "model_version", "action": "created"}
+        created["data"] = {"name": "outage", "version": v2}
+        raw, headers = _signed(settings, created)
+        delivered = api.post("/api/v1/events/mlflow", content=raw, headers=headers)
+        assert delivered.status_code == 202, delivered.text
+        assert [e.event for e in sink.events][-1] == "mlflow.model_version.created"
+        assert api.get("/api/health").status_code == 200
+
+    # Applying the approved move needs the artifact's digest from MLflow: retryable, and the
+    # transition stays approved for the next try.
+    with pytest.raises(RetryableError):
+        apply_transition(engine, registry, first.transition_id, backend="fake")
+    with transaction(engine, read_only=True) as s:
+        held = transitions.get_transition(s, first.transition_id)
+        assert held.status is TransitionStatus.approved
+
+    with mlflow_at(root, port, monkeypatch) as server:
+        back_at = time.monotonic()
+        report = reconcile(
+            engine, registry, sink, DataPlane(FakeBackend(), router_url=None), stale_after_s=0
+        )
+        caught_up_s = time.monotonic() - back_at
+        print(f"\nreconcile caught up {caught_up_s:.2f} s after MLflow was back")
+        assert caught_up_s < RECOVERY_LIMIT_S
+        assert report.errors == []
+        assert report.intaken == [f"outage/{v2}"]
+        assert report.applied == [f"{first.transition_id}: applied"]
+        with transaction(engine, read_only=True) as s:
+            assert versions.get_version(s, "outage", v1).stage is Stage.shadow
+            assert versions.get_version(s, "outage", v2).stage is Stage.candidate
+        mirrored = client.get_model_version("outage", str(v1)).tags
+        assert mirrored[STAGE_TAG] == Stage.shadow.value
+        # Run again: nothing is intaken or applied twice.
+        again = reconcile(
+            engine, registry, sink, DataPlane(FakeBackend(), router_url=None), stale_after_s=0
+        )
+        assert again.intaken == []
+        assert again.applied == []
     engine.dispose()
