@@ -40,7 +40,8 @@ from stagegate.lifecycle.policy import default_policy
 from stagegate.lifecycle.stages import Role, Stage
 from stagegate.migrate import upgrade
 from stagegate.registry.protocol import STAGE_TAG
-from stagegate.settings import Settings
+from stagegate.settings import DEV_WEBHOOK_SECRET, Settings
+from stagegate.stack import default_specs, load_secrets
 from stagegate.steps.apply import apply_transition
 from stagegate.steps.converge import DataPlane
 from stagegate.steps.intake import intake
@@ -386,3 +387,28 @@ def test_an_mlflow_outage_is_retryable_spares_the_api_and_reconcile_catches_up(
         assert again.intaken == []
         assert again.applied == []
     engine.dispose()
+
+
+# -- what the embedded MLflow exposes (docs/reliability.md, "The embedded MLflow") ------------
+
+
+def test_the_embedded_mlflow_listens_on_loopback_and_the_api_checks_a_generated_secret(
+    tmp_path: Path,
+) -> None:
+    """MLflow runs without authentication and may send webhooks to private addresses; what
+    Stagegate controls is who can reach it and what our receiver accepts."""
+    settings = Settings(home=tmp_path / "home")
+    secrets = load_secrets(settings)
+    specs = {s.name: s for s in default_specs(settings, secrets)}
+
+    for name in ("mlflow", "api"):  # neither is reachable from another machine
+        argv = specs[name].argv
+        assert argv[argv.index("--host") + 1] == "127.0.0.1", (name, argv)
+    # The receiver checks deliveries against the stack's own secret, not the public default.
+    api_secret = specs["api"].env["STAGEGATE_WEBHOOK__SECRET"]
+    assert api_secret == secrets.webhook_secret
+    assert api_secret != DEV_WEBHOOK_SECRET
+    # An explicitly configured secret is what both sides use instead.
+    configured = Settings(home=tmp_path / "home", webhook={"secret": "x" * 40})
+    api_env = {s.name: s for s in default_specs(configured, secrets)}["api"].env
+    assert api_env["STAGEGATE_WEBHOOK__SECRET"] == "x" * 40
