@@ -7,10 +7,6 @@ tested in test_local_backend.py and end to end); the router in the last test is 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,8 +32,8 @@ from stagegate.steps.reconcile import reconcile
 from tests.factories import Factory
 from tests.fakes import FakeBackend, FakeRegistry
 from tests.fixtures.mlflow_server import free_port
+from tests.fixtures.router_process import router_process
 
-ROOT = Path(__file__).resolve().parents[1]
 ALICE = Principal("alice", Role.approver)
 BOB = Principal("bob", Role.approver)
 ERIN = Principal("erin", Role.author)
@@ -271,26 +267,8 @@ def test_a_traffic_policy_change_is_a_new_desired_state(
 def router(live_api_url: str, factory: Factory, tmp_path: Path) -> Iterator[str]:
     """The real router process, polling the API for its policies as routers in any pod do."""
     token = factory.token("router", "service")["Authorization"].removeprefix("Bearer ")
-    port = free_port()
-    env = {**os.environ, "STAGEGATE_ROUTER_TOKEN": token, "NO_PROXY": "127.0.0.1"}
-    argv = [sys.executable, "-m", "stagegate.cli", "router", "--policy"]
-    argv += [f"{live_api_url}/api/v1/traffic", "--port", str(port)]
-    with (tmp_path / "router.log").open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "router.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with router_process(live_api_url, token, tmp_path / "router.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from stagegate.stack import default_specs, effective_router_admin_token, load_se
 from stagegate.steps.converge import DataPlane, converge
 from tests.factories import Factory
 from tests.fakes import FakeBackend, FakeRegistry
-from tests.fixtures.mlflow_server import free_port
+from tests.fixtures.router_process import router_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "router-admin-" + "x" * 32
@@ -200,33 +200,9 @@ def test_the_stack_generates_one_token_for_the_router_and_the_worker_only(tmp_pa
 def router_proc(live_api_url: str, factory: Factory, tmp_path: Path) -> Iterator[str]:
     """`stagegate router` with an admin token, polling the API as the embedded stack's does."""
     token = factory.token("router", "service")["Authorization"].removeprefix("Bearer ")
-    port = free_port()
-    env = {
-        **os.environ,
-        "STAGEGATE_ROUTER_TOKEN": token,
-        "STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN": TOKEN,
-        "NO_PROXY": "127.0.0.1",
-    }
-    argv = [sys.executable, "-m", "stagegate.cli", "router", "--policy"]
-    argv += [f"{live_api_url}/api/v1/traffic", "--port", str(port)]
-    log_path = tmp_path / "router.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"{url}/health", trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    admin = {"STAGEGATE_SERVING__ROUTER_ADMIN_TOKEN": TOKEN}
+    with router_process(live_api_url, token, tmp_path / "router.log", admin) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 @pytest.mark.slow
