@@ -27,11 +27,13 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log
 db_app = typer.Typer(no_args_is_help=True, help="The governance database.")
 drift_app = typer.Typer(no_args_is_help=True, help="The drift monitor.")
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests (docs/kubernetes.md).")
+versions_app = typer.Typer(no_args_is_help=True, help="Model versions, through the API.")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
 app.add_typer(drift_app, name="drift")
 app.add_typer(k8s_app, name="k8s")
+app.add_typer(versions_app, name="versions")
 
 console = Console()
 err = Console(stderr=True)
@@ -506,6 +508,48 @@ def token_unlink(
     except StagegateError as exc:
         raise _fail(exc.detail) from None
     typer.echo(f"unlinked MLflow user {mlflow_user} from {name}")
+
+
+@versions_app.command("attest")
+def versions_attest(
+    model: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[int, typer.Argument(help="The version you wrote.")],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="STAGEGATE_TOKEN",
+            help="Your API token (author, approver or admin): the attestation is its identity's.",
+        ),
+    ],
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STAGEGATE_API_URL", help="The governance API (default: this home's API)."
+        ),
+    ] = None,
+) -> None:
+    """Attest that you wrote MODEL VERSION. Under `authorship: attested` its approvals count
+    only after this, and you may not approve it yourself (separation of duties)."""
+    import httpx
+
+    url = (api_url or get_settings().api.url).rstrip("/")
+    path = f"/api/v1/models/{model}/versions/{version}/authorship"
+    try:
+        r = httpx.post(url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the API at {url}: {exc}") from None
+    if r.status_code != 201:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        raise _fail(f"{r.status_code}: {detail}")
+    body = r.json()
+    typer.echo(
+        f"attested {model} v{version} as {body['attested_by']} "
+        f"(artifact {str(body['attested_digest'])[:12]}, registry author "
+        f"{body['creator'] or 'none'})"
+    )
 
 
 @audit_app.command("verify")

@@ -14,6 +14,7 @@ from sqlmodel import Session
 from stagegate.db import reader
 from stagegate.errors import PermissionDenied, StagegateError
 from stagegate.events.sink import EventSink
+from stagegate.governance.authorship import ATTESTER_ROLES
 from stagegate.governance.tokens import Principal, TokenRejected, authenticate
 from stagegate.lifecycle.decisions import DECIDER_ROLES, role_refusal
 from stagegate.lifecycle.stages import Role
@@ -84,3 +85,5 @@ Requester = Annotated[Principal, Depends(require(Role.author, Role.admin, Role.s
 # Who may reach the decision route; `decide` then applies the policy (lifecycle/decisions.py).
 Decider = Annotated[Principal, Depends(require(*DECIDER_ROLES))]
 Admin = Annotated[Principal, Depends(require(Role.admin))]
+# Who may attest authorship of a version: people who write models, never the service.
+Attester = Annotated[Principal, Depends(require(*ATTESTER_ROLES))]

@@ -94,6 +94,9 @@ def version(session: Session, v: ModelVersion) -> schemas.VersionPublic:
             for name, number in lineage.upstream_of(session, v)
         ],
         reference_source=v.reference_source,
+        attested_by=v.attested_by,
+        attested_at=v.attested_at,
+        attested_digest=v.attested_digest,
     )
 
 

@@ -123,6 +123,17 @@ class VersionPublic(BaseModel):
     reference_source: str | None = Field(
         default=None, description="Where the drift monitor reads the training frame from."
     )
+    attested_by: str | None = Field(
+        default=None,
+        description="The authenticated identity that attested authorship of the version "
+        "(an author of record: it may not approve the version's transitions).",
+    )
+    attested_at: datetime | None = Field(default=None, description="When it attested.")
+    attested_digest: str | None = Field(
+        default=None,
+        description="The artifact it attested. When this is not `digest` the artifact changed "
+        "since, and the attestation no longer counts.",
+    )
 
 
 class VersionSummary(BaseModel):

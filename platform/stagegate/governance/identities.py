@@ -17,7 +17,7 @@ from stagegate.governance import audit
 from stagegate.governance.models import ApiToken, IdentityLink, ModelVersion
 from stagegate.governance.tokens import check_name, is_live, is_reserved
 from stagegate.lifecycle.gates import AuthorFacts
-from stagegate.lifecycle.policy import Policy, UnmappedAuthor
+from stagegate.lifecycle.policy import Authorship, Policy, UnmappedAuthor
 from stagegate.lifecycle.stages import Role
 
 # An MLflow user name as MLflow records it (a login, an e-mail, DOMAIN\\user), printable and
@@ -142,21 +142,45 @@ def list_identities(session: Session, *, now: datetime | None = None) -> list[Id
     return [get_identity(session, n, now=now) for n in names]
 
 
-def unmapped_default() -> UnmappedAuthor:
-    """What a policy that says nothing does with an unmapped author: block in prod mode."""
+def _prod() -> bool:
     from stagegate.settings import get_settings  # lazily: settings are built on first use
 
-    return "block" if get_settings().mode == "prod" else "warn"
+    return get_settings().mode == "prod"
+
+
+def unmapped_default() -> UnmappedAuthor:
+    """What a policy that says nothing does with an unmapped author: block in prod mode."""
+    return "block" if _prod() else "warn"
 
 
 def unmapped_handling(policy: Policy) -> UnmappedAuthor:
     return policy.unmapped_author or unmapped_default()
 
 
-def author_facts(session: Session, version: ModelVersion, policy: Policy) -> AuthorFacts:
-    """The version's MLflow author, the identity linked to it, and the policy's handling."""
+def authorship_default() -> Authorship:
+    """Who a policy that says nothing takes for the author: an attested identity in prod mode,
+    the registry's name in dev mode (a development stack works before anyone attests)."""
+    return "attested" if _prod() else "registry"
+
+
+def authorship_handling(policy: Policy) -> Authorship:
+    return policy.authorship or authorship_default()
+
+
+def author_of(version: ModelVersion, identity: str | None, policy: Policy) -> AuthorFacts:
+    """The version's authors, given the identity its MLflow author is linked to."""
     return AuthorFacts(
         mlflow_user=version.creator,
-        identity=identity_of(session, version.creator),
+        identity=identity,
         unmapped=unmapped_handling(policy),
+        authorship=authorship_handling(policy),
+        attester=version.attested_by,
+        # Bound to the artifact: a changed digest voids it, as it voids approvals.
+        attested=version.attested_by is not None and version.attested_digest == version.digest,
     )
+
+
+def author_facts(session: Session, version: ModelVersion, policy: Policy) -> AuthorFacts:
+    """The version's MLflow author, the identity linked to it, its attester, and the policy's
+    handling of each."""
+    return author_of(version, identity_of(session, version.creator), policy)

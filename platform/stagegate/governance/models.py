@@ -128,6 +128,11 @@ class ModelVersion(SQLModel, table=True):
     registered_at: datetime = _ts()
     recorded_at: datetime = _ts()
     stage_changed_at: datetime = _ts()
+    # The authenticated identity that attested authorship, and the artifact it attested: an
+    # attestation counts only while `attested_digest` is still `digest` (governance/authorship.py).
+    attested_by: str | None = Field(default=None, max_length=100)
+    attested_at: datetime | None = _ts(nullable=True)
+    attested_digest: str | None = Field(default=None, max_length=64)
 
 
 class Dataset(SQLModel, table=True):

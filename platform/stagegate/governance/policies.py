@@ -1,8 +1,8 @@
 """Gate policies per model, falling back to the `*` row, then the built-in default.
 
 A change that weakens a policy (fewer approvals than the floor, other approver roles, an
-unmapped author let through, a rollback without approval) waits for a second admin: four
-eyes, as for stage moves. Every change, applied or not, is a `PolicyChange` row and audited.
+unmapped author let through, authorship no longer attested, a rollback without approval)
+waits for a second admin: four eyes, as for stage moves. Every change, applied or not, is a `PolicyChange` row and audited.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from stagegate.db import utcnow
 from stagegate.errors import ConflictError, NotFoundError, PermissionDenied
 from stagegate.governance import audit
-from stagegate.governance.identities import unmapped_handling
+from stagegate.governance.identities import authorship_handling, unmapped_handling
 from stagegate.governance.models import PolicyChange, PolicyChangeStatus, PolicyRecord
 from stagegate.lifecycle.policy import Policy, default_policy
 from stagegate.lifecycle.stages import ALLOWED_MOVES
@@ -87,8 +87,8 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
 
     Per move of the stage machine: fewer approvals than before *and* than the floor; any
     change of the roles that may approve it (while it needs approvals). Then: unmapped
-    authors let through where they were blocked, and drift or experiment rollbacks without
-    approval."""
+    authors let through where they were blocked, authorship taken from the registry where it
+    was attested, and drift or experiment rollbacks without approval."""
     found = []
     for frm, targets in ALLOWED_MOVES.items():
         for to in sorted(targets):
@@ -109,6 +109,13 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
     pinned = new.unmapped_author == "warn" and old.unmapped_author != "warn"
     if pinned or (unmapped_handling(old) == "block" and unmapped_handling(new) == "warn"):
         found.append("approvals of versions whose author is linked to no identity now count")
+    # Likewise for authorship: "registry" trusts a name the MLflow client chose.
+    trusted = new.authorship == "registry" and old.authorship != "registry"
+    if trusted or (authorship_handling(old) == "attested" and authorship_handling(new) == "registry"):
+        found.append(
+            "approvals no longer wait for an attested author: the MLflow author name, which "
+            "the client sets, decides who wrote a version (authorship: registry)"
+        )
     if new.drift.actions.rollback_applies_alone and not old.drift.actions.rollback_applies_alone:
         found.append("drift rollbacks now apply without approval")
     if _experiment_alone(new) and not _experiment_alone(old):

@@ -380,11 +380,8 @@ def allowed_actions(
     for t in rows:
         version = by_key[(t.model_name, t.version)]  # a foreign key in spirit: never deleted
         policy = policy_of[t.model_name]
-        author = gates.AuthorFacts(
-            mlflow_user=version.creator,
-            identity=linked.get(version.creator) if version.creator else None,
-            unmapped=identities.unmapped_handling(policy),
-        )
+        identity = linked.get(version.creator) if version.creator else None
+        author = identities.author_of(version, identity, policy)
         facts = _facts(principal, t, version, policy, author, mine.get(t.id), now)
         verdicts[t.id] = decisions.allowed_actions(facts)
     return verdicts

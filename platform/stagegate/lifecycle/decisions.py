@@ -3,7 +3,8 @@
 `governance.transitions.decide` refuses with the verdict's reason, and the API shows each
 caller the same verdicts as `allowed_actions`, so the UI never offers what the API refuses.
 The checks run in the order the API meets them: the route's role check first, then the
-transition's state, separation of duties, the policy's roles, and one decision per person.
+transition's state, separation of duties (the authors of record, the policy's roles, an
+unmapped author, a missing attestation), and one decision per person.
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def _duty_refusal(f: DecisionFacts, decision: Decision) -> str | None:
             f"{f.caller} is the author of {f.model} v{f.version}{linked}; "
             "the author of a version may not approve its transitions"
         )
+    if f.caller == f.author.attester:
+        return (
+            f"{f.caller} attested authorship of {f.model} v{f.version}; "
+            "the author of a version may not approve its transitions"
+        )
     if f.rule is None or f.role not in f.rule.roles:
         allowed = "/".join(sorted(f.rule.roles)) if f.rule else "nobody"
         return f"role {f.role} cannot decide {f.from_stage}->{f.to_stage} (needs {allowed})"
@@ -134,6 +140,9 @@ def _duty_refusal(f: DecisionFacts, decision: Decision) -> str | None:
             "approvals until an admin links it (stagegate token link IDENTITY MLFLOW_USER) "
             "or sets unmapped_author: warn"
         )
+    waiting = f.author.awaiting_attestation(f.model, f.version, f.to_stage)
+    if waiting and decision == "approve":
+        return waiting
     return None
 
 

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from typing import ClassVar
 
 from stagegate.experiments.tasks import compare_tasks
-from stagegate.lifecycle.policy import Policy, UnmappedAuthor
-from stagegate.lifecycle.stages import ALLOWED_MOVES, Role, Stage
+from stagegate.lifecycle.policy import Authorship, Policy, UnmappedAuthor
+from stagegate.lifecycle.stages import ALLOWED_MOVES, LIVE, Role, Stage
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,18 @@ class QueuedFacts:
 
 @dataclass(frozen=True)
 class AuthorFacts:
-    """The version's author as Stagegate knows them: the MLflow user name recorded at intake,
-    the identity an admin linked to it (None: none is), and what the policy does then."""
+    """The version's authors as Stagegate knows them: the MLflow user name recorded at intake,
+    the identity an admin linked to it (None: none is), what the policy does then, and the
+    identity that attested authorship, if one did."""
 
     mlflow_user: str | None
     identity: str | None
     unmapped: UnmappedAuthor  # resolved: the policy's value, else the mode's default
+    authorship: Authorship = "registry"  # resolved like `unmapped`
+    # Who attested authorship (an author of record even after the artifact changed), and
+    # whether that attestation covers the version's current artifact.
+    attester: str | None = None
+    attested: bool = False
 
     def warning(self) -> str | None:
         """Why the author is unknown to Stagegate, or None when an identity is linked."""
@@ -87,6 +93,37 @@ class AuthorFacts:
         if self.mlflow_user is None:
             return "the version records no MLflow author"
         return f"the author, MLflow user {self.mlflow_user!r}, is linked to no identity"
+
+    def of_record(self) -> set[str]:
+        """Every name that wrote the version: none of them may approve it."""
+        return {n for n in (self.mlflow_user, self.identity, self.attester) if n is not None}
+
+    def awaiting_attestation(self, model: str, version: int, to_stage: Stage) -> str | None:
+        """Why approvals of this move wait for an attestation, or None when they do not.
+
+        Only moves into a served stage wait: taking a version out of service (rejected,
+        rolled back, retired) never does, so a rollback is never stuck on an attestation."""
+        if self.authorship != "attested" or self.attested or to_stage not in LIVE:
+            return None
+        how = f"stagegate versions attest {model} {version}"
+        if self.attester is not None:
+            return (
+                f"waiting for the author's attestation: {model} v{version}'s artifact changed "
+                f"since {self.attester} attested it, so its author attests again ({how}); "
+                "the policy says authorship: attested"
+            )
+        named = (
+            f" (the registry names {self.identity})"
+            if self.identity is not None
+            else f" (the registry names MLflow user {self.mlflow_user!r})"
+            if self.mlflow_user is not None
+            else ""
+        )
+        return (
+            f"waiting for the author's attestation: nobody has attested authorship of {model} "
+            f"v{version}{named}; approvals count once its author does ({how}), as the policy "
+            "says authorship: attested"
+        )
 
 
 SERVICE_NAME = "stagegate"  # the platform's own identity; reserved, no person can hold it
@@ -146,10 +183,11 @@ def counting_approvers(ctx: GateContext) -> list[str]:
     if rule is None:
         return []
     oldest = ctx.now - timedelta(days=ctx.policy.approval_ttl_days)
-    # The requester, the MLflow name and the identity linked to it: none of them counts.
+    # The requester, the MLflow name, the identity linked to it and the attester: none of
+    # them counts.
     conflicted = {ctx.requested_by, ctx.version.author}
-    if ctx.author is not None and ctx.author.identity is not None:
-        conflicted.add(ctx.author.identity)
+    if ctx.author is not None:
+        conflicted |= ctx.author.of_record()
     return sorted(
         {
             a.approver
@@ -215,6 +253,15 @@ class ApprovalsGate(Gate):
             # Separation of duties cannot be checked against an unknown author: no approval
             # counts until an admin links the name (or the policy says warn).
             return self.hold(f"{unknown}; the policy blocks approvals (unmapped_author: block)")
+        waiting = (
+            ctx.author.awaiting_attestation(ctx.version.name, ctx.version.version, ctx.to_stage)
+            if ctx.author is not None
+            else None
+        )
+        if waiting and rule.required > 0:
+            # Nobody authenticated has said they wrote this artifact: an approver could have
+            # registered it under a colleague's MLflow name, so no approval counts yet.
+            return self.hold(waiting)
         have = counting_approvers(ctx)
         roles = "/".join(sorted(rule.roles))
         if len(have) >= rule.required:

@@ -89,6 +89,7 @@ NumericalTest = Literal["auto", "wasserstein", "ks", "jensenshannon"]
 CategoricalTest = Literal["auto", "jensenshannon", "chisquare", "z"]
 ColumnKind = Literal["numerical", "categorical"]
 UnmappedAuthor = Literal["block", "warn"]
+Authorship = Literal["registry", "attested"]
 
 
 class DriftActions(BaseModel):
@@ -469,6 +470,14 @@ class Policy(BaseModel):
         description="When a version's MLflow author is linked to no identity: 'block' refuses "
         "approvals (until an admin links the name), 'warn' counts them and records a warning. "
         "None: 'block' in prod mode, 'warn' in dev mode.",
+    )
+    authorship: Authorship | None = Field(
+        default=None,
+        description="Who wrote a version, for separation of duties: 'registry' trusts the "
+        "MLflow author (a name the MLflow client sends); 'attested' also holds approvals of "
+        "moves into shadow, canary or production until an authenticated identity attests "
+        "authorship of the version's artifact (POST .../authorship), and that identity may "
+        "not approve either. None: 'attested' in prod mode, 'registry' in dev mode.",
     )
     serving: ServingSpec = Field(
         default_factory=ServingSpec,

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, status
 from fastapi.responses import JSONResponse
 
 from stagegate.api import present, schemas
-from stagegate.api.deps import Admin, SessionDep, StateDep, Viewer
+from stagegate.api.deps import Admin, Attester, SessionDep, StateDep, Viewer
 from stagegate.api.errors import responses
 from stagegate.api.limits import MAX_INT, Instant
 from stagegate.api.strict import StrictRoute
 from stagegate.db import utcnow
 from stagegate.errors import InvalidInput
-from stagegate.governance import cards, endpoints, evaluations, lineage, policies, versions
+from stagegate.events.announce import announce_if_approved
+from stagegate.governance import (
+    authorship,
+    cards,
+    endpoints,
+    evaluations,
+    lineage,
+    policies,
+    versions,
+)
 from stagegate.governance.models import PolicyChangeStatus
 from stagegate.lifecycle.policy import Policy
 from stagegate.lifecycle.stages import Stage
@@ -90,6 +99,26 @@ def get_version(
     session: SessionDep, _: Viewer, name: ModelName, version: VersionNo
 ) -> schemas.VersionPublic:
     return present.version(session, versions.get_version(session, name, version))
+
+
+@router.post(
+    "/{name}/versions/{version}/authorship",
+    status_code=status.HTTP_201_CREATED,
+    responses=responses(401, 403, 404, 409, 422, 503),
+)
+def attest_authorship(
+    session: SessionDep, state: StateDep, principal: Attester, name: ModelName, version: VersionNo
+) -> schemas.VersionPublic:
+    """The caller attests that they wrote this version's artifact. Under `authorship:
+    attested`, approvals of its moves into shadow, canary or production count only after an
+    attestation, and the attester may not approve them. One per artifact: a second is 409."""
+    row, pending = authorship.attest(
+        session, principal=principal, model=name, version=version, now=utcnow()
+    )
+    session.commit()
+    for t in pending:  # approvals given earlier may complete a transition now
+        announce_if_approved(state.sink, t)
+    return present.version(session, row)
 
 
 @router.get("/{name}/versions/{version}/lineage", responses=responses(401, 404, 422, 503))
