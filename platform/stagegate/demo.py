@@ -296,6 +296,31 @@ class Demo:
             f"   dana tries to approve her own v{version}: [red]refused[/] ({r.json()['detail']})"
         )
 
+    def attest(self, version: int, tid: str | None = None) -> None:
+        """dana attests that she wrote the version, with her own token: under `authorship:
+        attested` (the demo's policy, and prod mode's default) no approval of its moves into
+        serving counts before this. Given its open transition, an approver tries first."""
+        if tid is not None:
+            r = self.api.post(
+                f"/api/v1/transitions/{tid}/approvals",
+                headers=self.headers["alice"],
+                json={"decision": "approve", "comment": "looks fine"},
+            )
+            if r.status_code != 403 or "attestation" not in r.json().get("detail", ""):
+                raise DemoFailed(
+                    f"an unattested approval was not refused: {r.status_code} {r.text}"
+                )
+            self.say(
+                f"   alice approves before dana attests: [red]refused[/] ({r.json()['detail']})"
+            )
+        row = self.call(
+            AUTHOR, "POST", f"/api/v1/models/{self.model}/versions/{version}/authorship"
+        )
+        self.say(
+            f"   dana attests authorship of v{version} with her token (the registry's name, "
+            f"MLflow user {row['creator']!r}, is whatever her client sent)"
+        )
+
     def move(
         self,
         version: int,
@@ -346,6 +371,7 @@ class Demo:
         if step == 2:
             self.refused_self_approval(version, t["id"])
             self.set_policy()
+        self.attest(version, t["id"] if step == 2 else None)
         for to, approvers in (
             ("shadow", ("alice",)),
             ("canary", ("bob",)),
@@ -545,6 +571,8 @@ class Demo:
         # v2 is right where v1 is wrong on about a fifth of the rows: agreement is ~80%.
         policy["shadow"]["min_agreement"] = 0.7
         policy["traffic"]["challenger_weight"] = 0.5
+        # Approvals count once the author attests with her own token (prod mode's default).
+        policy["authorship"] = "attested"
         # The canary is an A/B test on the share of decisions the fraud team confirms as
         # right, sequential so the flow may look every few seconds; demo-sized samples.
         policy["experiment"] = {
@@ -563,7 +591,8 @@ class Demo:
             "   ops proposed the model's policy: accuracy must match or beat the champion; "
             "200 shadow comparisons agreeing 70%; the canary gets half the keys and runs an "
             "A/B test on confirmed decisions (sequential, alpha 5%), with guardrails on errors "
-            "and latency (+25 ms); a guardrail breach rolls back alone"
+            "and latency (+25 ms); a guardrail breach rolls back alone; approvals wait for "
+            "the author's attestation"
         )
         if change.get("status") == "pending":  # it weakens a gate: four eyes
             self.call(
@@ -613,6 +642,7 @@ class Demo:
         t, _ = self.wait_for(
             f"intake to open a transition for v{version}", lambda: self.open_transition(version)
         )
+        self.attest(version)
         self.move(version, "shadow", ("alice",), t)
         if self.wait_routed(version, "shadow"):
             self.traffic(f"v{version} in shadow")

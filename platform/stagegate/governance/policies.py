@@ -2,7 +2,8 @@
 
 A change that weakens a policy (fewer approvals than the floor, other approver roles, an
 unmapped author let through, authorship no longer attested, a rollback without approval)
-waits for a second admin: four eyes, as for stage moves. Every change, applied or not, is a `PolicyChange` row and audited.
+waits for a second admin: four eyes, as for stage moves. Every change, applied or not, is a
+`PolicyChange` row and audited.
 """
 
 from __future__ import annotations
@@ -111,7 +112,9 @@ def weakenings(old: Policy, new: Policy, *, floor: int) -> list[str]:
         found.append("approvals of versions whose author is linked to no identity now count")
     # Likewise for authorship: "registry" trusts a name the MLflow client chose.
     trusted = new.authorship == "registry" and old.authorship != "registry"
-    if trusted or (authorship_handling(old) == "attested" and authorship_handling(new) == "registry"):
+    if trusted or (
+        authorship_handling(old) == "attested" and authorship_handling(new) == "registry"
+    ):
         found.append(
             "approvals no longer wait for an attested author: the MLflow author name, which "
             "the client sets, decides who wrote a version (authorship: registry)"

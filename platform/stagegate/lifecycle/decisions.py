@@ -115,6 +115,26 @@ def _duty_refusal(f: DecisionFacts, decision: Decision) -> str | None:
     """Separation of duties and the policy's roles forbid this caller (403)."""
     if f.caller == f.requested_by:
         return "the requester of a transition may not approve it"
+    if (author := _author_refusal(f)) is not None:
+        return author
+    if f.rule is None or f.role not in f.rule.roles:
+        allowed = "/".join(sorted(f.rule.roles)) if f.rule else "nobody"
+        return f"role {f.role} cannot decide {f.from_stage}->{f.to_stage} (needs {allowed})"
+    if decision != "approve":
+        return None  # what follows holds approvals back; a rejection is always possible
+    unknown = f.author.warning()
+    if unknown and f.author.unmapped == "block":
+        return (
+            f"{unknown}, so separation of duties cannot be checked: the policy blocks "
+            "approvals until an admin links it (stagegate token link IDENTITY MLFLOW_USER) "
+            "or sets unmapped_author: warn"
+        )
+    return f.author.awaiting_attestation(f.model, f.version, f.to_stage)
+
+
+def _author_refusal(f: DecisionFacts) -> str | None:
+    """The caller is an author of record: the MLflow name, its linked identity, or the
+    identity that attested authorship."""
     if f.caller in {f.author.mlflow_user, f.author.identity}:
         linked = (
             f" (MLflow user {f.author.mlflow_user!r} is linked to {f.author.identity})"
@@ -130,19 +150,6 @@ def _duty_refusal(f: DecisionFacts, decision: Decision) -> str | None:
             f"{f.caller} attested authorship of {f.model} v{f.version}; "
             "the author of a version may not approve its transitions"
         )
-    if f.rule is None or f.role not in f.rule.roles:
-        allowed = "/".join(sorted(f.rule.roles)) if f.rule else "nobody"
-        return f"role {f.role} cannot decide {f.from_stage}->{f.to_stage} (needs {allowed})"
-    unknown = f.author.warning()
-    if unknown and decision == "approve" and f.author.unmapped == "block":
-        return (
-            f"{unknown}, so separation of duties cannot be checked: the policy blocks "
-            "approvals until an admin links it (stagegate token link IDENTITY MLFLOW_USER) "
-            "or sets unmapped_author: warn"
-        )
-    waiting = f.author.awaiting_attestation(f.model, f.version, f.to_stage)
-    if waiting and decision == "approve":
-        return waiting
     return None
 
 

@@ -249,19 +249,8 @@ class ApprovalsGate(Gate):
             breached = ", ".join(ctx.reports["experiment"].breached)
             return self.ok(f"guardrail rollback applies alone by policy ({breached} breached)")
         unknown = ctx.author.warning() if ctx.author is not None else None
-        if unknown and rule.required > 0 and ctx.author and ctx.author.unmapped == "block":
-            # Separation of duties cannot be checked against an unknown author: no approval
-            # counts until an admin links the name (or the policy says warn).
-            return self.hold(f"{unknown}; the policy blocks approvals (unmapped_author: block)")
-        waiting = (
-            ctx.author.awaiting_attestation(ctx.version.name, ctx.version.version, ctx.to_stage)
-            if ctx.author is not None
-            else None
-        )
-        if waiting and rule.required > 0:
-            # Nobody authenticated has said they wrote this artifact: an approver could have
-            # registered it under a colleague's MLflow name, so no approval counts yet.
-            return self.hold(waiting)
+        if rule.required > 0 and (blocked := _author_unknown(ctx)) is not None:
+            return self.hold(blocked)
         have = counting_approvers(ctx)
         roles = "/".join(sorted(rule.roles))
         if len(have) >= rule.required:
@@ -271,6 +260,22 @@ class ApprovalsGate(Gate):
             f"{len(have)} of {rule.required} approvals from {roles} "
             f"(fresh, for digest {str(ctx.version.digest)[:12]})"
         )
+
+
+def _author_unknown(ctx: GateContext) -> str | None:
+    """Why no approval can count yet, because who wrote the version is not known well enough
+    to keep its author from approving it; None when it is."""
+    author = ctx.author
+    if author is None:
+        return None
+    unknown = author.warning()
+    if unknown and author.unmapped == "block":
+        # An unknown author: no approval counts until an admin links the name (or the
+        # policy says warn).
+        return f"{unknown}; the policy blocks approvals (unmapped_author: block)"
+    # Nobody authenticated has said they wrote this artifact: an approver could have
+    # registered it under a colleague's MLflow name, so no approval counts yet.
+    return author.awaiting_attestation(ctx.version.name, ctx.version.version, ctx.to_stage)
 
 
 class OfflineMetricGate(Gate):

@@ -24,9 +24,7 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("attested_at", stagegate.db.UTCDateTime(), nullable=True))
         batch_op.add_column(
-            sa.Column(
-                "attested_digest", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True
-            )
+            sa.Column("attested_digest", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
         )
 
 
