@@ -10,12 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from click.testing import Result
 from fastapi.testclient import TestClient
 from rich.console import Console
 from sqlalchemy.engine import Engine
 from sqlmodel import select
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from stagegate.cli import app
 from stagegate.db import transaction
@@ -27,7 +26,7 @@ from stagegate.lifecycle import gates
 from stagegate.lifecycle.gates import AuthorFacts
 from stagegate.lifecycle.policy import Policy, default_policy
 from stagegate.lifecycle.stages import Role, Stage
-from stagegate.settings import Settings, get_settings
+from stagegate.settings import ApiSettings, Settings, get_settings
 from tests.factories import Factory
 
 Json = dict[str, Any]
@@ -455,7 +454,7 @@ def test_the_demo_shows_the_wait_then_dana_attests_with_her_token(
     factory.version("fraud", 1, creator=DANA_LOGIN)
     tid = intake_requests(engine)
     out = io.StringIO()
-    settings = Settings(api={"public_url": live_api_url})  # type: ignore[arg-type]
+    settings = Settings(api=ApiSettings(public_url=live_api_url))
     demo = Demo(settings, Console(file=out, width=400), model="fraud", headers=dict(people))
     try:
         demo.attest(1, tid)
