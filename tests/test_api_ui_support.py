@@ -21,6 +21,7 @@ from stagegate.db import transaction, utcnow
 from stagegate.governance import (
     alarms,
     audit,
+    authorship,
     endpoints,
     evaluations,
     identities,
@@ -151,6 +152,8 @@ def world(factory: Factory, engine: Engine) -> World:
     - `lapsed`: pricing v1 needing two approvals; alice approved 8 days ago, bob today
     - `closed`: fraud v2, rejected by alice
     - `moved`: churn v1 requested from candidate, since placed in shadow
+    - `unattested`: scoring v1 under authorship: attested, which nobody has attested
+    - `attested`: credit v1 under authorship: attested, attested by bob
     """
     heads = {
         name: factory.token(name, role)
@@ -169,6 +172,8 @@ def world(factory: Factory, engine: Engine) -> World:
     factory.version("ranker", 1, creator="ghost")
     factory.version("pricing", 1)
     factory.version("churn", 1)
+    factory.version("scoring", 1)
+    factory.version("credit", 1)
     two = default_policy()
     two = two.model_copy(
         update={
@@ -184,6 +189,12 @@ def world(factory: Factory, engine: Engine) -> World:
         policies.set_policy(
             s, "ranker", default_policy().model_copy(update={"unmapped_author": "block"}), actor="t"
         )
+        attested = default_policy().model_copy(update={"authorship": "attested"})
+        policies.set_policy(s, "scoring", attested, actor="t")
+        policies.set_policy(s, "credit", attested, actor="t")
+        authorship.attest(
+            s, principal=Principal("bob", Role.approver), model="credit", version=1, now=utcnow()
+        )
     root, erin = Principal("root", Role.admin), Principal("erin", Role.author)
     alice, bob = Principal("alice", Role.approver), Principal("bob", Role.approver)
     ids = {
@@ -192,6 +203,8 @@ def world(factory: Factory, engine: Engine) -> World:
         "lapsed": _request(engine, erin, "pricing", 1, Stage.shadow),
         "closed": _request(engine, erin, "fraud", 2, Stage.shadow),
         "moved": _request(engine, erin, "churn", 1, Stage.shadow),
+        "unattested": _request(engine, erin, "scoring", 1, Stage.shadow),
+        "attested": _request(engine, erin, "credit", 1, Stage.shadow),
     }
     _decide(engine, alice, ids["lapsed"], "approve", utcnow() - timedelta(days=8))
     _decide(engine, bob, ids["lapsed"], "approve", utcnow())
@@ -209,6 +222,8 @@ REFUSALS = [
     ("viewer at the route", "vic", "open", "approve", 403, "role viewer may not do this"),
     ("service at the route", "svc", "open", "reject", 403, "role service may not do this"),
     ("unmapped author blocked", "alice", "blocked", "approve", 403, "the policy blocks"),
+    ("not attested", "alice", "unattested", "approve", 403, "waiting for the author's attest"),
+    ("the attester", "bob", "attested", "approve", 403, "bob attested authorship of credit"),
     ("expired, then again", "alice", "lapsed", "approve", 409, "its approver cannot renew it"),
     ("expired, then reject", "alice", "lapsed", "reject", 409, "expired at"),
     ("already decided", "bob", "lapsed", "approve", 409, "bob already decided"),
