@@ -7,17 +7,20 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
 from rich.console import Console
+from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 from typer.testing import CliRunner, Result
 
 from stagegate.cli import app
-from stagegate.db import transaction
+from stagegate.db import make_engine, transaction
 from stagegate.demo import Demo
 from stagegate.governance import audit, identities, policies, transitions, versions
 from stagegate.governance.models import AuditEntry, ModelVersion
@@ -26,6 +29,7 @@ from stagegate.lifecycle import gates
 from stagegate.lifecycle.gates import AuthorFacts
 from stagegate.lifecycle.policy import Policy, default_policy
 from stagegate.lifecycle.stages import Role, Stage
+from stagegate.migrate import alembic_config, upgrade
 from stagegate.settings import ApiSettings, Settings, get_settings
 from tests.factories import Factory
 
@@ -468,3 +472,20 @@ def test_the_demo_shows_the_wait_then_dana_attests_with_her_token(
     assert f"{attested} '{DANA_LOGIN}'" in said
     with transaction(engine, read_only=True) as s:
         assert versions.get_version(s, "fraud", 1).attested_by == "dana"
+
+
+def test_migration_0009_adds_and_removes_the_attestation_columns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'attest.db'}"
+    added = {"attested_by", "attested_at", "attested_digest"}
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("model_version")}
+        assert added <= columns
+        command.downgrade(alembic_config(url), "0008")
+        columns = {c["name"] for c in inspect(engine).get_columns("model_version")}
+        assert not added & columns
+        upgrade(url)
+        assert added <= {c["name"] for c in inspect(engine).get_columns("model_version")}
+    finally:
+        engine.dispose()
