@@ -25,15 +25,16 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import NullPool
 
 from stagegate.api.app import create_app
 from stagegate.db import make_engine, transaction, utcnow
 from stagegate.errors import RetryableError
 from stagegate.events.signature import sign
 from stagegate.events.sink import MemorySink
-from stagegate.governance import policies, transitions, versions
+from stagegate.governance import audit, endpoints, policies, transitions, versions
 from stagegate.governance.models import TransitionStatus
 from stagegate.governance.tokens import Principal
 from stagegate.lifecycle.policy import default_policy
@@ -47,7 +48,7 @@ from stagegate.steps.converge import DataPlane
 from stagegate.steps.intake import intake
 from stagegate.steps.reconcile import reconcile
 from tests.factories import Factory
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, FakeRegistry
 from tests.fixtures import mlflow_server as mlflow_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,3 +413,185 @@ def test_the_embedded_mlflow_listens_on_loopback_and_the_api_checks_a_generated_
     configured = Settings(home=tmp_path / "home", webhook={"secret": "x" * 40})
     api_env = {s.name: s for s in default_specs(configured, secrets)}["api"].env
     assert api_env["STAGEGATE_WEBHOOK__SECRET"] == "x" * 40
+
+
+# -- the database cut in the middle of a write's transaction ---------------------------------
+
+# What a write may touch; a cut transaction must leave every row of them as it was.
+WRITTEN_TABLES = (
+    "approval",
+    "audit_log",
+    "audit_head",
+    "transition",
+    "model_version",
+    "deployment",
+    "endpoint",
+)
+
+
+class BackendCutter:
+    """Kills the API's (or a step's) own PostgreSQL session from inside its transaction.
+
+    Armed with `at`, it counts the points where the engine has just run a statement or is about
+    to send COMMIT, and at point `at` terminates that connection's server process from a
+    superuser connection (`pg_terminate_backend`, which waits until the process is gone) before
+    the caller goes on. So the cut lands, every time, between two statements of one
+    transaction, or between its last statement and its COMMIT: no timing involved.
+    """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.admin = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self.at: int | None = None
+        self.seen = 0
+        self.cut: str | None = None  # where the last armed cut landed
+        event.listen(engine, "after_cursor_execute", self._after_execute)
+        event.listen(engine, "commit", self._before_commit)
+
+    @contextlib.contextmanager
+    def armed(self, at: int) -> Iterator[None]:
+        """Cut at point `at` of what runs inside the block (no cut if it has fewer points)."""
+        self.at, self.seen, self.cut = at, 0, None
+        try:
+            yield
+        finally:
+            self.at = None
+
+    def _after_execute(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self._point(conn, " ".join(statement.split()[:3]))
+
+    def _before_commit(self, conn: Any) -> None:
+        self._point(conn, "COMMIT")
+
+    def _point(self, conn: Any, what: str) -> None:
+        if self.at is None:
+            return
+        self.seen += 1
+        if self.seen < self.at:
+            return
+        self.at = None
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        with self.admin.connect() as admin:
+            gone = admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+            assert gone.scalar() is True, f"backend {pid} did not end"
+        self.cut = f"{self.seen}: {what}"
+
+
+def _rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the tables a write touches, in a stable order."""
+    with engine.connect() as conn:
+        return {
+            table: sorted(
+                (tuple(row) for row in conn.execute(text(f"SELECT * FROM {table}"))), key=repr
+            )
+            for table in WRITTEN_TABLES
+        }
+
+
+def _audit_ok(engine: Engine) -> bool:
+    with transaction(engine, read_only=True) as s:
+        return audit.verify(s).ok
+
+
+@pytest.mark.slow
+def test_a_database_cut_inside_an_approval_or_an_apply_writes_nothing_and_a_retry_lands_once(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """Cut the connection at every point of one approval's transaction (over HTTP) and of one
+    stage apply (the step): each cut is a 503 or a RetryableError and leaves the database as it
+    was; then the same request, uncut, lands once."""
+    upgrade(postgres.url)
+    engine = make_engine(postgres.url)
+    cutter = BackendCutter(engine, postgres.url)
+    factory = Factory(engine)
+    people = {
+        "erin": factory.token("erin", "author"),
+        "alice": factory.token("alice", "approver"),
+        "bob": factory.token("bob", "approver"),
+    }
+    factory.version("fraud", 1)
+    factory.place("fraud", 1, Stage.production)  # the champion the shadow move sits beside
+    factory.version("fraud", 2)
+    with transaction(engine) as s:
+        policy = default_policy()
+        raised = [  # two approvals: the acknowledged first one must survive the cuts
+            r.model_copy(update={"required": 2}) if Stage.shadow in r.to_stages else r
+            for r in policy.approvals
+        ]
+        policies.set_policy(s, "fraud", policy.model_copy(update={"approvals": raised}), actor="t")
+        pending, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=2,
+            to_stage=Stage.shadow,
+            reason="ready",
+            now=utcnow(),
+        )
+    tid = pending.id
+    decide_url = f"/api/v1/transitions/{tid}/approvals"
+    approve = {"decision": "approve", "comment": "fine"}
+    cuts: dict[str, list[str]] = {"approval": [], "apply": []}
+
+    with (
+        live_api(Settings(home=tmp_path / "home"), engine) as url,
+        httpx.Client(base_url=url, timeout=10) as api,
+    ):
+        acked = api.post(decide_url, headers=people["alice"], json=approve)
+        assert acked.status_code == 201, acked.text
+
+        for at in range(1, 200):
+            before = _rows(engine)
+            started = time.monotonic()
+            with cutter.armed(at):
+                answer = api.post(decide_url, headers=people["bob"], json=approve)
+            if cutter.cut is None:  # past the transaction's last point: nothing was cut
+                break
+            _assert_unavailable(answer, f"approval cut at {cutter.cut}")
+            assert time.monotonic() - started < 5, cutter.cut
+            assert _rows(engine) == before, f"approval cut at {cutter.cut} wrote something"
+            cuts["approval"].append(cutter.cut)
+        assert answer.status_code == 201, answer.text  # the retry, uncut, lands
+        assert answer.json()["status"] == TransitionStatus.approved.value
+        again = api.post(decide_url, headers=people["bob"], json=approve)
+        assert again.status_code == 409, again.text  # and only once
+        assert _approvals(engine, tid) == {"alice": 1, "bob": 1}
+
+    registry = FakeRegistry()
+    registry.add("fraud", 2)
+    registry.digests[("fraud", 2)] = f"{2:064x}"  # the digest the version was recorded with
+    for at in range(1, 200):
+        before = _rows(engine)
+        try:
+            with cutter.armed(at):
+                applied = apply_transition(engine, registry, tid, backend="fake")
+        except RetryableError as exc:
+            assert "database unavailable" in exc.detail, exc.detail
+            assert _rows(engine) == before, f"apply cut at {cutter.cut} wrote something"
+            cuts["apply"].append(str(cutter.cut))
+            continue
+        assert cutter.cut is None, f"apply cut at {cutter.cut} did not fail"
+        break
+    assert applied.status is TransitionStatus.applied, applied
+    with transaction(engine, read_only=True) as s:
+        assert versions.get_version(s, "fraud", 2).stage is Stage.shadow
+        assert versions.get_version(s, "fraud", 1).stage is Stage.production
+        assert endpoints.get_endpoint(s, "fraud").generation == applied_generation(s, tid)
+    rerun = apply_transition(engine, registry, tid, backend="fake")  # keyed: a no-op
+    assert rerun.status is TransitionStatus.applied
+    assert _audit_ok(engine)
+    print(
+        f"\ncut {len(cuts['approval'])} points of an approval and {len(cuts['apply'])} of an "
+        "apply: each a 503/RetryableError, nothing written; the uncut retry landed once"
+    )
+    # Every kind of point was hit: inside the writes, and just before COMMIT.
+    for kind, points in cuts.items():
+        assert any("INSERT" in p or "UPDATE" in p for p in points), (kind, points)
+        assert any(p.endswith("COMMIT") for p in points), (kind, points)
+    engine.dispose()
+    cutter.admin.dispose()
+
+
+def applied_generation(session: Any, tid: str) -> int:
+    generation = transitions.get_transition(session, tid).generation
+    assert generation is not None
+    return int(generation)
