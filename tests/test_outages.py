@@ -63,9 +63,9 @@ PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 OUTAGE_S = float(os.environ.get("STAGEGATE_OUTAGE_S") or 0)
 DB_DOWN_S = max(OUTAGE_S, 10.0)
 RECOVERY_LIMIT_S = 30.0
-# MLflow's HTTP bounds in the MLflow tests: a hung call costs 2 tries of 2 s.
+# MLflow's HTTP bounds in the MLflow tests: a hung call costs 2 tries of 1 s.
 HUNG_BOUNDS = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "1",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
@@ -830,3 +830,103 @@ def test_the_registry_bounds_mlflow_calls_unless_the_environment_does(
     specs = {s.name: s for s in default_specs(settings, load_secrets(settings))}
     for name in ("api", "worker"):
         assert {k: specs[name].env[k] for k in HTTP_BOUNDS} == HTTP_BOUNDS, name
+
+
+# -- SQLite: the writing process killed inside its transaction --------------------------------
+
+# A process that writes one approval and stops for good at cut point argv[3] (a statement
+# just run, or COMMIT about to be sent), telling the test through the marker file argv[4].
+_SQLITE_WRITER = """
+import sys, time
+from pathlib import Path
+from sqlalchemy import event
+from stagegate.db import make_engine, transaction, utcnow
+from stagegate.governance import transitions
+from stagegate.governance.tokens import Principal
+from stagegate.lifecycle.stages import Role
+
+url, tid, match, marker = sys.argv[1:5]
+engine = make_engine(url)
+
+def point(what):
+    if what.startswith(match):
+        Path(marker).write_text(what)
+        time.sleep(600)  # killed here
+
+event.listen(engine, "after_cursor_execute", lambda c, cur, stmt, *a: point(stmt))
+event.listen(engine, "commit", lambda c: point("COMMIT"))
+with transaction(engine) as s:
+    transitions.decide(
+        s, principal=Principal("bob", Role.approver), transition_id=tid,
+        decision="approve", comment="killed", now=utcnow(),
+    )
+"""
+
+
+@pytest.mark.slow
+def test_a_sqlite_writer_killed_inside_its_transaction_leaves_nothing_and_no_lock(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the process that writes an approval (WAL mode) right after its INSERT, and
+    again just before its COMMIT: the file holds nothing of it, passes SQLite's integrity check,
+    the audit chain verifies, and the next writer gets the lock at once and lands once."""
+    url = f"sqlite:///{tmp_path / 'governance.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    factory = Factory(engine)
+    factory.version("fraud", 1)
+    with transaction(engine) as s:
+        pending, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=1,
+            to_stage=Stage.shadow,
+            reason="ready",
+            now=utcnow(),
+        )
+    tid = pending.id
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
+    before = _rows(engine)
+    # Both start at once (the second waits for the first one's lock, which dies with it).
+    writers = {}
+    for n, match in enumerate(("INSERT INTO approval", "COMMIT")):
+        marker = tmp_path / f"cut{n}"
+        argv = [sys.executable, "-c", _SQLITE_WRITER, url, tid, match, str(marker)]
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.PIPE)
+        writers[match] = (proc, marker)
+    try:
+        while pending := {m: w for m, w in writers.items() if w[0].returncode is None}:
+            # Whichever took the lock first reaches its point first; the other waits for it.
+            def reached(pending: dict[str, Any] = pending) -> str | None:
+                return next((m for m, (_, marker) in pending.items() if marker.exists()), None)
+
+            match = wait_for("a writer to reach its cut", reached, timeout_s=60, interval_s=0.05)
+            proc, _ = writers[match]
+            proc.kill()
+            _, err = proc.communicate(timeout=15)
+            assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+            assert _rows(engine) == before, f"a writer killed at {match} left something"
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+            assert _audit_ok(engine)
+    finally:
+        for proc, _ in writers.values():
+            proc.kill()
+            proc.communicate(timeout=15)
+
+    started = time.monotonic()  # the killed writers' locks died with them
+    with transaction(engine) as s:
+        t = transitions.decide(
+            s,
+            principal=Principal("bob", Role.approver),
+            transition_id=tid,
+            decision="approve",
+            comment="retried",
+            now=utcnow(),
+        )
+    assert time.monotonic() - started < 5
+    assert t.status is TransitionStatus.approved
+    assert _approvals(engine, tid) == {"bob": 1}
+    assert _audit_ok(engine)
+    engine.dispose()
