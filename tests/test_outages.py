@@ -1,9 +1,14 @@
 """Outages of what Stagegate stands on: the governance database and MLflow.
 
-Issue "Trust" asks for 60 s outages; these tests hold the database down 10 s and MLflow for
-the length of a few step runs, so the file stays well under a minute. The property is the same:
-nothing waits on the outage's length (every answer during it is immediate), and recovery is
-measured from the moment the dependency is back.
+- The database stopped under the API, and its connection cut inside a write's transaction at
+  every point in turn (PostgreSQL); a SQLite writer killed inside its transaction.
+- MLflow stopped, then hung (accepting and never answering), while the steps need it and the
+  API and serving run on.
+
+Issue "Trust" asks for 60 s outages: `make chaos` holds each one STAGEGATE_OUTAGE_S (60) seconds.
+`make test` holds the database down 10 s and MLflow for one round of step runs, which shows the
+same property: nothing waits on the outage's length (every answer during it is immediate or
+bounded), and recovery is measured from the moment the dependency is back.
 """
 
 from __future__ import annotations
@@ -224,12 +229,14 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
             "GET models": lambda: api.get("/api/v1/models", headers=people["bob"]),
             "GET audit": lambda: api.get("/api/v1/audit", headers=people["root"]),
         }
-        rounds = 0
+        rounds, slowest_503_s = 0, 0.0
         while time.monotonic() - down_at < DB_DOWN_S:  # ask again and again while it is down
             for what, call in {**writes, **reads}.items():
                 started = time.monotonic()
                 _assert_unavailable(call(), what)
-                assert time.monotonic() - started < 5, f"{what} hung while the database was down"
+                took = time.monotonic() - started
+                assert took < 5, f"{what} hung while the database was down"
+                slowest_503_s = max(slowest_503_s, took)
             health = api.get("/api/health")
             _assert_unavailable(health, "GET /api/health")  # a probe sees the database down
             rounds += 1
@@ -242,7 +249,11 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
             assert time.monotonic() - back_at < RECOVERY_LIMIT_S, "the API did not recover"
             time.sleep(0.2)
         recovered_s = time.monotonic() - back_at
-        print(f"\nAPI recovered {recovered_s:.2f} s after PostgreSQL was back (no restart)")
+        figures = {"down_s": back_at - down_at, "rounds": rounds}
+        figures |= {"slowest_503_s": slowest_503_s, "recovered_s": recovered_s}
+        print(
+            "\ndatabase outage figures:", json.dumps({k: round(v, 3) for k, v in figures.items()})
+        )
 
         # The approval acknowledged before the outage is there; bob's, refused while the
         # database was down, is retried now: recorded once, and a repeat is a conflict.
@@ -738,6 +749,7 @@ def test_a_database_cut_inside_an_approval_or_an_apply_writes_nothing_and_a_retr
         acked = api.post(decide_url, headers=people["alice"], json=approve)
         assert acked.status_code == 201, acked.text
 
+        slowest_503_s = 0.0
         for at in range(1, 200):
             before = _rows(engine)
             started = time.monotonic()
@@ -746,7 +758,8 @@ def test_a_database_cut_inside_an_approval_or_an_apply_writes_nothing_and_a_retr
             if cutter.cut is None:  # past the transaction's last point: nothing was cut
                 break
             _assert_unavailable(answer, f"approval cut at {cutter.cut}")
-            assert time.monotonic() - started < 5, cutter.cut
+            slowest_503_s = max(slowest_503_s, time.monotonic() - started)
+            assert slowest_503_s < 5, cutter.cut
             assert _rows(engine) == before, f"approval cut at {cutter.cut} wrote something"
             cuts["approval"].append(cutter.cut)
         assert answer.status_code == 201, answer.text  # the retry, uncut, lands
@@ -783,7 +796,8 @@ def test_a_database_cut_inside_an_approval_or_an_apply_writes_nothing_and_a_retr
     assert _audit_ok(engine)
     print(
         f"\ncut {len(cuts['approval'])} points of an approval and {len(cuts['apply'])} of an "
-        "apply: each a 503/RetryableError, nothing written; the uncut retry landed once"
+        f"apply: each a 503 (slowest {slowest_503_s:.3f} s) or a RetryableError, nothing "
+        "written; the uncut retry landed once"
     )
     # Every kind of point was hit: inside the writes, and just before COMMIT.
     for kind, points in cuts.items():
