@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PG_DIR  ?= /tmp/stagegate-test-pg
 PG_PORT ?= 54329
 
-.PHONY: demo test lint typecheck imports pytest fuzz bench bench-debs lock debs clean down helm-bin ui browser
+.PHONY: demo test lint typecheck imports pytest fuzz chaos bench bench-debs lock debs clean down helm-bin ui browser
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,14 @@ FUZZ_CASES ?= 10000
 fuzz: $(STAMP)
 	STAGEGATE_FUZZ_CASES=$(FUZZ_CASES) STAGEGATE_TEST_PG_URL= $(BIN)/pytest tests/test_fuzz_api.py \
 	  -p no:cacheprovider --timeout=3600 $(PYTEST_ARGS)
+
+# The outage tests (tests/test_outages.py) with outages of OUTAGE_S seconds: the database
+# stopped under the API, MLflow stopped and MLflow hung (`make test` holds them 10 s, or one
+# round of step runs). Each starts its own PostgreSQL or MLflow; the figures are printed (-s).
+OUTAGE_S ?= 60
+chaos: $(STAMP) debs
+	STAGEGATE_OUTAGE_S=$(OUTAGE_S) $(BIN)/pytest tests/test_outages.py -m slow -s \
+	  -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
 
 # Peers the benchmarks compare against: wrk drives load, nginx is the router's peer.
 bench-debs:

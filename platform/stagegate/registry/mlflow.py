@@ -10,13 +10,17 @@ are mapped onto Stagegate's error tree (`_mlflow_errors`):
   → RetryableError
 - the rest (401/403, 404 from something that is not MLflow, ...) → PermanentError
 
-Connection failures only surface after MLflow's own HTTP retries, which are configured by the
-process-wide `MLFLOW_HTTP_REQUEST_MAX_RETRIES` / `_BACKOFF_FACTOR` / `_TIMEOUT` variables (defaults:
-7 retries with backoff factor 2, i.e. minutes). Lower them where callers retry on their own.
+Connection failures and timeouts only surface after MLflow's own HTTP retries, which only the
+process-wide `MLFLOW_HTTP_REQUEST_TIMEOUT` / `_MAX_RETRIES` / `_BACKOFF_FACTOR` variables
+configure (read at every request). MLflow's defaults (120 s a try, 7 retries with backoff up to
+120 s) let one call to a hung server take about 20 minutes; `MlflowRegistry` sets
+`HTTP_BOUNDS` where the environment leaves them unset (`bound_http`), so a call fails with a
+RetryableError within `call_bound_s()`, and flows retry on their own schedule.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -77,6 +81,42 @@ _RETRYABLE_CODES = frozenset(
 # Artifact locations the digest may read. Local paths would read this machine's disk, and
 # `models:`/`runs:` would be resolved by mlflow against the process-global registry URI.
 _LOCAL_SCHEMES = frozenset({"", "file", "models", "runs"})
+
+# Seconds a request may wait for a connection or for each read, retries after the first try, and
+# the backoff factor: a hung MLflow costs a call at most `call_bound_s()` (33 s with these).
+HTTP_BOUNDS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+_BACKOFF_JITTER_S = 1.0  # MLflow's default MLFLOW_HTTP_REQUEST_BACKOFF_JITTER
+_BACKOFF_MAX_S = 120.0  # urllib3's cap on one backoff
+
+
+def bound_http() -> dict[str, str]:
+    """Set MLflow's HTTP bounds the environment leaves unset; return those in force.
+
+    Process-wide, because MLflow's client has no per-client setting: a value an operator set
+    wins, and so does one set before this process built its first registry."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in HTTP_BOUNDS}
+
+
+def call_bound_s(bounds: dict[str, str] | None = None) -> float:
+    """Longest one MLflow call can take against a server that accepts and never answers:
+    every try waits its timeout, and urllib3 sleeps factor * 2^(n-1) (plus jitter) before the
+    n-th consecutive retry from the second on. A server that trickles bytes can take longer:
+    the timeout bounds each read, not the whole answer."""
+    bounds = bounds or {name: os.environ.get(name, v) for name, v in HTTP_BOUNDS.items()}
+    timeout = float(bounds["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    retries = int(bounds["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    factor = float(bounds["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+    backoff = sum(
+        min(_BACKOFF_MAX_S, factor * 2.0 ** (n - 1)) + _BACKOFF_JITTER_S
+        for n in range(2, retries + 1)
+    )
+    return timeout * (retries + 1) + backoff
 
 
 def _raise_mapped(exc: MlflowException, what: str) -> NoReturn:
@@ -187,6 +227,7 @@ class MlflowRegistry:
         reference_local_roots: Sequence[Path] | None = None,
     ) -> None:
         self._tracking_uri = tracking_uri
+        self.http_bounds = bound_http()
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.reference_max_bytes = reference_max_bytes
         self.reference_allow_private = reference_allow_private

@@ -159,11 +159,12 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
             "STAGEGATE_ALERTS__SECRET": effective_alert_secret(settings, secrets) or "",
             "STAGEGATE_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
             "MLFLOW_TRACKING_URI": settings.mlflow.tracking_uri,
-            # MLflow's client retries 7 times with backoff by default: minutes before a
-            # RetryableError surfaces. Flows have their own retries, so keep these short.
+            # `registry.mlflow.HTTP_BOUNDS` (not imported: it imports mlflow), for every
+            # process here, model servers included: MLflow's defaults let one call to a hung
+            # server take about 20 minutes. Flows have their own retries.
             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
             "PREFECT_API_URL": settings.prefect.api_url,
             "PREFECT_HOME": str(prefect_home),
             "PYTHONPATH": python_path,

@@ -37,8 +37,9 @@ def link_mlflow_user(
 ) -> schemas.IdentityPublic:
     """Versions whose MLflow author is `mlflow_user` are then `name`'s (idempotent)."""
     identities.link(session, identity=name, mlflow_user=mlflow_user, actor=admin.name)
+    answer = _public(identities.get_identity(session, name))  # nothing reads after COMMIT
     session.commit()
-    return _public(identities.get_identity(session, name))
+    return answer
 
 
 @router.delete("/{name}/mlflow-users/{mlflow_user}", responses=responses(401, 403, 404, 422, 503))
@@ -47,5 +48,6 @@ def unlink_mlflow_user(
 ) -> schemas.IdentityPublic:
     """Remove the link; that MLflow user's versions are unmapped again (see the policy)."""
     identities.unlink(session, identity=name, mlflow_user=mlflow_user, actor=admin.name)
+    answer = _public(identities.get_identity(session, name))  # nothing reads after COMMIT
     session.commit()
-    return _public(identities.get_identity(session, name))
+    return answer

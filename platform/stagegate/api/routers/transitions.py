@@ -16,6 +16,10 @@ from stagegate.events.announce import announce_if_approved
 from stagegate.governance import transitions
 from stagegate.governance.models import TransitionStatus
 
+# Write routes read their answer inside the transaction and touch the database no more after
+# COMMIT: a connection lost after it would answer 503 for a write that landed. So a 503 means
+# nothing was written (tests/test_outages.py cuts the connection at every point of an approval).
+
 router = APIRouter(prefix="/api/v1/transitions", tags=["transitions"], route_class=StrictRoute)
 
 TransitionId = Annotated[str, Path(min_length=1, max_length=64)]
@@ -38,9 +42,10 @@ def request_transition(
         reason=body.reason,
         now=utcnow(),
     )
+    answer = present.transition(session, t, principal)  # read before the commit, see below
     session.commit()
     announce_if_approved(state.sink, t)
-    return present.transition(session, t, principal)
+    return answer
 
 
 @router.get("", responses=responses(401, 422, 503))
@@ -90,6 +95,7 @@ def decide(
         comment=body.comment,
         now=utcnow(),
     )
+    answer = present.transition(session, t, principal)  # read before the commit, see below
     session.commit()
     announce_if_approved(state.sink, t)
-    return present.transition(session, t, principal)
+    return answer
