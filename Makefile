@@ -99,9 +99,14 @@ fuzz: $(STAMP)
 # The outage tests (tests/test_outages.py) with outages of OUTAGE_S seconds: the database
 # stopped under the API, MLflow stopped and MLflow hung (`make test` holds them 10 s, or one
 # round of step runs). Each starts its own PostgreSQL or MLflow; the figures are printed (-s).
+# Then the kill-anywhere campaign (tests/test_kill_anywhere.py) with KILLS runs in a row
+# SIGKILLed at each point (`make test` kills each point once).
 OUTAGE_S ?= 60
+KILLS ?= 3
 chaos: $(STAMP) debs
 	STAGEGATE_OUTAGE_S=$(OUTAGE_S) $(BIN)/pytest tests/test_outages.py -m slow -s \
+	  -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
+	STAGEGATE_KILLS=$(KILLS) $(BIN)/pytest tests/test_kill_anywhere.py -s \
 	  -p no:cacheprovider --timeout=1800 $(PYTEST_ARGS)
 
 # Peers the benchmarks compare against: wrk drives load, nginx is the router's peer.

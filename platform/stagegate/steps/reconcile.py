@@ -153,13 +153,15 @@ def reconcile(
     """Catch up in passes, ending with `converge` for every model that needs it."""
     report = ReconcileReport()
     _intake_missed(engine, registry, sink, report)
+    # Evidence before decisions, decisions before actions: a report whose flow died is
+    # decided, its waiting transitions approved and those applied, all in this one pass.
+    if plane.log_url is not None:
+        _evaluate_candidates(engine, registry, sink, plane.log_url, report)
+        _evaluate_stages(engine, sink, plane.log_url, report)
     _reevaluate_pending(engine, sink, report)
     _apply_stale(engine, registry, stale_after_s, plane.backend.name, report)
     _remirror(engine, registry, report)
     _converge_all(engine, sink, plane, report)
-    if plane.log_url is not None:
-        _evaluate_stages(engine, sink, plane.log_url, report)
-        _evaluate_candidates(engine, registry, sink, plane.log_url, report)
     for line in report.errors:
         log.warning("reconcile: %s", line)
     return report
