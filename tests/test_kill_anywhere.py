@@ -589,4 +589,4 @@ def test_a_run_killed_at_any_point_ends_where_an_unbroken_run_ends(
         assert outcome(world, model) == expected, f"{tag}: the retry after reconcile changed it"
         fates.append(runs)
     labels = (world.traces / f"{start}-ref.trace").read_text().split()[1::2]
-    print(f"{start}: {points} points {labels}; the three runs per point (-1: killed): {fates}")
+    print(f"{start}: {points} points {labels}; the runs per point (-1: killed): {fates}")
