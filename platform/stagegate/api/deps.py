@@ -48,13 +48,17 @@ StateDep = Annotated[AppState, Depends(get_state)]
 async def get_session(request: Request, state: StateDep) -> AsyncIterator[Session]:
     # Routes that write commit explicitly, before answering; anything else is rolled back.
     # GETs read without taking SQLite's write lock. A Session connects on its first query, so
-    # making one here costs no I/O; closing it (a rollback) does, and goes to the thread pool.
+    # making one here costs no I/O. Closing one that holds a connection (a rollback) is I/O,
+    # done on the thread pool; StrictRoute's routes have closed theirs already, on their thread.
     engine = reader(state.engine) if request.method in ("GET", "HEAD") else state.engine
     session = Session(engine, expire_on_commit=False)
     try:
         yield session
     finally:
-        await run_in_threadpool(session.close)
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
