@@ -11,6 +11,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -273,9 +274,12 @@ class TokenCache:
     another API worker) holds within `ttl_s`. `ttl_s = 0` turns the cache off.
     """
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self._clock = clock
         self._entries: dict[str, tuple[Principal, float, int]] = {}
         self._lock = threading.Lock()
 
@@ -290,7 +294,7 @@ class TokenCache:
         principal, verified_at, generation = hit
         if (
             generation != _revocations
-            or time.monotonic() - verified_at >= self.ttl_s
+            or self._clock() - verified_at >= self.ttl_s
             or (principal.expires_at is not None and principal.expires_at <= now)
         ):
             with self._lock:
@@ -308,4 +312,4 @@ class TokenCache:
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()  # only live tokens get here; a full cache just restarts
-            self._entries[hash_token(secret)] = (principal, time.monotonic(), generation)
+            self._entries[hash_token(secret)] = (principal, self._clock(), generation)

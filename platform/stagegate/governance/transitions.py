@@ -131,15 +131,22 @@ def _queue_ahead(session: Session, t: Transition) -> tuple[gates.QueuedFacts, ..
 
 
 def _context(
-    session: Session, t: Transition, version: ModelVersion, now: datetime
+    session: Session,
+    t: Transition,
+    version: ModelVersion,
+    now: datetime,
+    policy: Policy | None = None,
+    author: gates.AuthorFacts | None = None,
 ) -> gates.GateContext:
+    """The world the gates judge. `policy` and `author`, when given, were read in this same
+    transaction (by `decide`), so reading them again would only repeat the queries."""
     champion = versions.holder(session, t.model_name, Stage.production)
     occupant = (
         versions.holder(session, t.model_name, t.to_stage)
         if t.to_stage in EXCLUSIVE and t.to_stage is not Stage.production
         else None
     )
-    policy = get_policy(session, t.model_name)
+    policy = policy or get_policy(session, t.model_name)
     return gates.GateContext(
         from_stage=t.from_stage,
         to_stage=t.to_stage,
@@ -157,15 +164,21 @@ def _context(
         version_alarm=alarms.facts(session, t.model_name, t.version),
         champion_alarm=alarms.facts(session, t.model_name, champion.version) if champion else None,
         queue_ahead=_queue_ahead(session, t),
-        author=identities.author_facts(session, version, policy),
+        author=author or identities.author_facts(session, version, policy),
     )
 
 
 def _evaluate(
-    session: Session, t: Transition, version: ModelVersion, now: datetime, actor: str
+    session: Session,
+    t: Transition,
+    version: ModelVersion,
+    now: datetime,
+    actor: str,
+    policy: Policy | None = None,
+    author: gates.AuthorFacts | None = None,
 ) -> None:
     """Run the gates against the world as it is now; approve the transition if all pass."""
-    results = gates.evaluate(_context(session, t, version, now))
+    results = gates.evaluate(_context(session, t, version, now, policy, author))
     t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
     if gates.all_passed(results):
         t.status, t.decided_at = TransitionStatus.approved, now
@@ -314,7 +327,7 @@ def decide(
             decided_at=now,
         )
         return t
-    _evaluate(session, t, version, now, principal.name)
+    _evaluate(session, t, version, now, principal.name, policy, author)
     return t
 
 
