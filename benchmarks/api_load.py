@@ -478,6 +478,16 @@ def run_backend(
             summary["limit_rps"] = low
             summary["limit_steps"] = steps
             print(f"{name}: highest rate that held p99 < {P99_TARGET_MS:g} ms: {low} rps")
+        # Every decision appended to the audit chain, from however many workers: still one chain.
+        verify = urllib.request.Request(  # noqa: S310 - loopback only
+            f"{base}/api/v1/audit/verify", headers={"Authorization": f"Bearer {seeded.viewer}"}
+        )
+        with urllib.request.urlopen(verify, timeout=120) as resp:  # noqa: S310 - loopback only
+            chain = json.loads(resp.read())
+        summary["audit_chain_ok"] = chain["ok"]
+        summary["audit_rows"] = chain["rows"]
+        verdict = "verifies" if chain["ok"] else "is BROKEN"
+        print(f"{name}: the audit chain {verdict}, {chain['rows']} rows", flush=True)
     if summary["statuses"].keys() - {"200", "201"}:  # say why, from the API's own log
         errors = [
             line

@@ -96,9 +96,14 @@ def test_a_revocation_rolled_back_leaves_the_cache_alone(engine: Engine) -> None
     cache = tokens.TokenCache(ttl_s=60)
     with transaction(engine) as s:
         cache.put(secret, tokens.authenticate(s, secret), cache.generation())
-    with pytest.raises(RuntimeError), transaction(engine) as s:
-        tokens.revoke_token(s, name="kept")
-        raise RuntimeError("abandon the revocation")
+
+    def revoke_then_fail() -> None:
+        with transaction(engine) as s:
+            tokens.revoke_token(s, name="kept")
+            raise RuntimeError("abandon the revocation")
+
+    with pytest.raises(RuntimeError):
+        revoke_then_fail()
     assert cache.get(secret, utcnow()) == tokens.Principal("kept", Role.viewer)
 
 
@@ -137,7 +142,8 @@ def test_expiry_holds_to_the_instant_with_the_token_cached(
 ) -> None:
     lifetime = timedelta(hours=1)
     # Expires about a second from now, far inside the 60 s the cache would otherwise trust it.
-    secret = _token(engine, "brief", expires_in=lifetime, now=utcnow() - lifetime + timedelta(seconds=1))
+    start = utcnow() - lifetime + timedelta(seconds=1)
+    secret = _token(engine, "brief", expires_in=lifetime, now=start)
     with _app(settings, engine, ttl_s=60) as client:
         assert client.get("/api/v1/models", headers=auth(secret)).status_code == 200
         deadline = time.monotonic() + 5

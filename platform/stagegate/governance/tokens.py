@@ -246,18 +246,28 @@ def authenticate(session: Session, secret: str, *, now: datetime | None = None) 
 # --- what the API verified, kept briefly ------------------------------------------------------
 
 _REVOKED = "stagegate_token_revoked"
-# Bumped after every commit that revoked a token in this process; cache entries verified
-# before the bump are void. Revocations by other processes wait out the cache's TTL.
-_revocations = 0
-_revocations_lock = threading.Lock()
+
+
+class _Revocations:
+    """Bumped after every commit that revoked a token in this process; cache entries verified
+    before the bump are void. Revocations by other processes wait out the cache's TTL."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def bump(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+_revocations = _Revocations()
 
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
-    global _revocations
     if session.info.pop(_REVOKED, False):
-        with _revocations_lock:
-            _revocations += 1
+        _revocations.bump()
 
 
 @event.listens_for(Session, "after_rollback")
@@ -293,7 +303,7 @@ class TokenCache:
             return None
         principal, verified_at, generation = hit
         if (
-            generation != _revocations
+            generation != _revocations.count
             or self._clock() - verified_at >= self.ttl_s
             or (principal.expires_at is not None and principal.expires_at <= now)
         ):
@@ -304,10 +314,10 @@ class TokenCache:
 
     def generation(self) -> int:
         """Read before `authenticate`: a revocation committed meanwhile voids the answer."""
-        return _revocations
+        return _revocations.count
 
     def put(self, secret: str, principal: Principal, generation: int) -> None:
-        if self.ttl_s <= 0 or generation != _revocations:
+        if self.ttl_s <= 0 or generation != _revocations.count:
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:

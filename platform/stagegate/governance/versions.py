@@ -209,7 +209,7 @@ def versions_of(session: Session, names: Sequence[str]) -> dict[str, list[Versio
         .order_by(col(ModelVersion.model_name), col(ModelVersion.version))
     ).all()
     for name, number, stage, changed in rows:
-        grouped[name].append(VersionStage(name, number, stage, changed))
+        grouped[name].append(VersionStage(name, number, Stage(stage), changed))
     return grouped
 
 
