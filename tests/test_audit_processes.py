@@ -39,6 +39,7 @@ for i in range(n):
     with transaction(engine) as s:
         audit.append(s, actor=actor, action="test.append", entity_type="thing",
                      entity_id=f"{actor}-{i}", data={"i": i})
+    time.sleep(0.001)  # as requests arrive apart: the other process gets its turn at the lock
 engine.dispose()
 """
 
@@ -74,6 +75,7 @@ def test_two_processes_appending_at_once_keep_one_verifiable_chain(
     assert result.ok, result.reason
     assert result.rows == 2 * APPENDS
     assert actors.count("w1") == actors.count("w2") == APPENDS
-    # The two really ran at once: their rows interleave, rather than one block after the other.
+    # The two really ran at once: one's rows fall between the other's (one switch would be
+    # one block after the other).
     switches = sum(1 for a, b in itertools.pairwise(actors) if a != b)
-    assert switches > 2, f"the appenders did not overlap ({switches} switches)"
+    assert switches >= 2, f"the appenders did not overlap ({switches} switch)"
