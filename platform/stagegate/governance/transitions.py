@@ -279,7 +279,7 @@ def decide(
     ).first()
     # The same pure verdict the API shows the caller as `allowed_actions`.
     verdict = decisions.verdict(
-        _facts(principal, t, version, policy, author, earlier, now), decision
+        _facts(principal, t, version.stage, policy, author, earlier, now), decision
     )
     if not verdict.allowed:
         refuse = (
@@ -334,7 +334,7 @@ def decide(
 def _facts(
     principal: Principal,
     t: Transition,
-    version: ModelVersion,
+    version_stage: Stage,
     policy: Policy,
     author: gates.AuthorFacts,
     earlier: Approval | None,
@@ -349,7 +349,7 @@ def _facts(
         version=t.version,
         from_stage=t.from_stage,
         to_stage=t.to_stage,
-        version_stage=version.stage,
+        version_stage=version_stage,
         requested_by=t.requested_by,
         author=author,
         rule=policy.approval_rule(t.from_stage, t.to_stage),
@@ -371,14 +371,20 @@ def allowed_actions(
     if not rows:
         return {}
     names = {t.model_name for t in rows}
+    # Only the columns the verdicts read: whole rows would parse every version's metrics.
     found = session.exec(
-        select(ModelVersion).where(
+        select(
+            ModelVersion.model_name,
+            ModelVersion.version,
+            ModelVersion.stage,
+            ModelVersion.creator,
+        ).where(
             col(ModelVersion.model_name).in_(sorted(names)),
             col(ModelVersion.version).in_(sorted({t.version for t in rows})),
         )
     ).all()
-    by_key = {(v.model_name, v.version): v for v in found}
-    linked = identities.identities_of(session, {v.creator for v in found if v.creator})
+    by_key = {(name, number): (Stage(stage), creator) for name, number, stage, creator in found}
+    linked = identities.identities_of(session, {c for _s, c in by_key.values() if c})
     policy_of = policies_for(session, names)
     mine = {
         a.transition_id: a
@@ -391,14 +397,15 @@ def allowed_actions(
     }
     verdicts = {}
     for t in rows:
-        version = by_key[(t.model_name, t.version)]  # a foreign key in spirit: never deleted
+        # A foreign key in spirit: versions are never deleted.
+        stage, creator = by_key[(t.model_name, t.version)]
         policy = policy_of[t.model_name]
         author = gates.AuthorFacts(
-            mlflow_user=version.creator,
-            identity=linked.get(version.creator) if version.creator else None,
+            mlflow_user=creator,
+            identity=linked.get(creator) if creator else None,
             unmapped=identities.unmapped_handling(policy),
         )
-        facts = _facts(principal, t, version, policy, author, mine.get(t.id), now)
+        facts = _facts(principal, t, stage, policy, author, mine.get(t.id), now)
         verdicts[t.id] = decisions.allowed_actions(facts)
     return verdicts
 
