@@ -1,12 +1,14 @@
 """The governance API under load: mixed reads and approvals at a fixed rate, SQLite and PostgreSQL.
 
 Usage: .venv/bin/python benchmarks/api_load.py [--quick] [--rate 200] [--duration 60]
+                                              [--workers N] [--find-limit]
 
 For each database (a fresh SQLite file; a throwaway PostgreSQL from tests/support/postgres.sh
 when its server binaries are installed) the script migrates, seeds models, versions, pending
 candidate->shadow transitions and tokens through the governance services, starts the API as
-the embedded stack does (`uvicorn stagegate.api.app:create_app --factory`, one process), and
-sends an open-loop load: requests start on a fixed schedule whatever the answers do, and
+the embedded stack does (`uvicorn stagegate.api.app:create_app --factory`, with
+`--workers` from `STAGEGATE_API__WORKERS` unless `--workers` says otherwise), and sends an
+open-loop load: requests start on a fixed schedule whatever the answers do, and
 latency counts from the scheduled start, so a stalled server cannot hide its queue. The mix:
 90% reads (GET /api/v1/models, /models/{m}/versions/{v}, /transitions, /audit) by viewer
 tokens, 10% decisions (80% approve, 20% reject) on distinct pending transitions by approvers.
@@ -14,6 +16,11 @@ Events go to a stub of Prefect's /events (a 204 each), so approvals pay for thei
 
 It also counts the SQL statements of one GET /api/v1/models with 1 and with 50 models (in
 process, an engine event listener): equal counts mean no query per model (no N+1).
+
+Each run reports the API's CPU time per request (its processes' user+system time over the run,
+from /proc), which a machine shared with other work distorts far less than latency, and the
+load average before and after. `--find-limit` then searches, by bisection over `duration`-long
+steps against the same server, for the highest rate that holds p99 under 100 ms with 0 errors.
 
 Prints readable lines, then one JSON object as the last line.
 """
@@ -70,6 +77,34 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) ->
                 return
         time.sleep(0.1)
     raise SystemExit(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(current := todo.pop())
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its descendants (0 where /proc is not there)."""
+    ticks = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 # --- a stub of Prefect's event endpoint (its own process: not on the load client's GIL) -------
@@ -342,7 +377,9 @@ def summarize(results: list[Result], wall_s: float, rate: float) -> dict[str, An
 
 
 @contextlib.contextmanager
-def api_server(url: str, home: Path, events_url: str, extra_args: list[str]) -> Iterator[str]:
+def api_server(
+    url: str, home: Path, events_url: str, extra_args: list[str], workers: int
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {
         **os.environ,
@@ -356,13 +393,13 @@ def api_server(url: str, home: Path, events_url: str, extra_args: list[str]) -> 
     }
     argv = [sys.executable, "-m", "uvicorn", "stagegate.api.app:create_app", "--factory"]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    argv += ["--log-level", "warning", *extra_args]
+    argv += ["--log-level", "warning", "--workers", str(workers), *extra_args]
     log = (home / "api.log").open("wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/api/health", proc)
-        yield base
+        yield base, proc.pid
     finally:
         proc.terminate()
         try:
@@ -373,6 +410,33 @@ def api_server(url: str, home: Path, events_url: str, extra_args: list[str]) -> 
         log.close()
 
 
+def measure(
+    name: str, base: str, pid: int, plan: Plan, rate: float, duration_s: float
+) -> dict[str, Any]:
+    """One open-loop run at `rate` against the running API, summarized."""
+    load_before, cpu_before = load_average(), cpu_seconds(pid)
+    results, wall = asyncio.run(drive(base, plan, rate, duration_s))
+    cpu = cpu_seconds(pid) - cpu_before
+    summary = summarize(results, wall, rate)
+    summary["api_cpu_ms_per_request"] = round(cpu * 1000 / max(1, len(results)), 2)
+    summary["api_cpu_share"] = round(cpu / wall, 2)  # of one core
+    summary["load_average"] = {"before": load_before, "after": load_average()}
+    print(
+        f"{name} @ {rate:g} rps: {summary['rps']} rps ({summary['requests']} requests, "
+        f"{wall:.1f} s), p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms "
+        f"(reads {summary['reads_p99_ms']}, decisions {summary['decisions_p99_ms']}), "
+        f"errors {summary['errors']} {summary['statuses']}; API CPU "
+        f"{summary['api_cpu_ms_per_request']} ms/request ({summary['api_cpu_share']} cores); "
+        f"load average {load_before} -> {summary['load_average']['after']}",
+        flush=True,
+    )
+    return summary
+
+
+def holds(summary: dict[str, Any]) -> bool:
+    return bool(summary["p99_under_target"]) and summary["errors"] == 0
+
+
 def run_backend(
     name: str,
     url: str,
@@ -381,9 +445,15 @@ def run_backend(
     rate: float,
     duration_s: float,
     extra_args: list[str],
+    *,
+    workers: int,
+    find_limit: int = 0,
 ) -> dict[str, Any]:
+    """The run at `rate`; with `find_limit` steps, then a bisection for the highest rate that
+    holds (`limit_rps`), each step `duration_s` long against the same server."""
     rng = random.Random(7)
-    decisions = math.ceil(rate * duration_s * (1 - READ_SHARE) * 1.3) + 20
+    runs = 1 + find_limit
+    decisions = math.ceil(rate * duration_s * (1 - READ_SHARE) * 1.3 * runs) + 20 * runs
     started = time.perf_counter()
     seeded = seed(url, models=MODELS, pending=decisions, rng=rng)
     print(
@@ -392,11 +462,33 @@ def run_backend(
         flush=True,
     )
     home.mkdir(parents=True, exist_ok=True)
-    with api_server(url, home, events_url, extra_args) as base:
-        plan = Plan(seeded, random.Random(11), list(seeded.pending))
-        results, wall = asyncio.run(drive(base, plan, rate, duration_s))
-    summary = summarize(results, wall, rate)
-    if any(r.status >= 500 for r in results):  # say why, from the API's own log
+    plan = Plan(seeded, random.Random(11), list(seeded.pending))
+    with api_server(url, home, events_url, extra_args, workers) as (base, pid):
+        summary = measure(name, base, pid, plan, rate, duration_s)
+        summary["workers"] = workers
+        if find_limit:
+            # Bisection between 0 and `rate` (or from `rate` up, should it hold).
+            low, high = (rate, 2 * rate) if holds(summary) else (0.0, rate)
+            steps = []
+            for _ in range(find_limit):
+                mid = round((low + high) / 2, 1)
+                step = measure(name, base, pid, plan, mid, duration_s)
+                steps.append({k: step[k] for k in ("target_rps", "rps", "p99_ms", "errors")})
+                low, high = (mid, high) if holds(step) else (low, mid)
+            summary["limit_rps"] = low
+            summary["limit_steps"] = steps
+            print(f"{name}: highest rate that held p99 < {P99_TARGET_MS:g} ms: {low} rps")
+        # Every decision appended to the audit chain, from however many workers: still one chain.
+        verify = urllib.request.Request(  # noqa: S310 - loopback only
+            f"{base}/api/v1/audit/verify", headers={"Authorization": f"Bearer {seeded.viewer}"}
+        )
+        with urllib.request.urlopen(verify, timeout=120) as resp:  # noqa: S310 - loopback only
+            chain = json.loads(resp.read())
+        summary["audit_chain_ok"] = chain["ok"]
+        summary["audit_rows"] = chain["rows"]
+        verdict = "verifies" if chain["ok"] else "is BROKEN"
+        print(f"{name}: the audit chain {verdict}, {chain['rows']} rows", flush=True)
+    if summary["statuses"].keys() - {"200", "201"}:  # say why, from the API's own log
         errors = [
             line
             for line in (home / "api.log").read_text(errors="replace").splitlines()
@@ -404,13 +496,6 @@ def run_backend(
         ]
         if errors:
             print(f"{name}: API log errors (last 5 of {len(errors)}):", *errors[-5:], sep="\n  ")
-    print(
-        f"{name}: {summary['rps']} rps ({summary['requests']} requests, {wall:.1f} s), "
-        f"p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms "
-        f"(reads {summary['reads_p99_ms']}, decisions {summary['decisions_p99_ms']}), "
-        f"errors {summary['errors']} {summary['statuses']}",
-        flush=True,
-    )
     return summary
 
 
@@ -450,6 +535,21 @@ def main() -> None:
     parser.add_argument(
         "--uvicorn-args", default="", help="extra uvicorn flags, e.g. '--limit-concurrency 32'"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="API processes; default: the stack's own (STAGEGATE_API__WORKERS, else 1)",
+    )
+    parser.add_argument(
+        "--find-limit",
+        nargs="?",
+        type=int,
+        const=5,
+        default=0,
+        metavar="STEPS",
+        help="after the run, bisect for the highest rate that holds (default 5 steps)",
+    )
     parser.add_argument("--serve-events", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_events:
@@ -457,11 +557,15 @@ def main() -> None:
         return
     duration = 10.0 if args.quick else args.duration
     sys.path.insert(0, str(ROOT / "platform"))
+    from stagegate.settings import get_settings
+
+    workers = args.workers or get_settings().api.workers
 
     out: dict[str, Any] = {
         "rate": args.rate,
         "duration_s": duration,
         "p99_target_ms": P99_TARGET_MS,
+        "workers": workers,
     }
     with tempfile.TemporaryDirectory(prefix="api-load-") as raw_tmp:
         tmp = Path(raw_tmp)
@@ -495,6 +599,8 @@ def main() -> None:
                     args.rate,
                     duration,
                     extra,
+                    workers=workers,
+                    find_limit=args.find_limit,
                 )
             if "postgres" not in databases:
                 out["postgres_skipped"] = "--databases"
@@ -511,6 +617,8 @@ def main() -> None:
                             args.rate,
                             duration,
                             extra,
+                            workers=workers,
+                            find_limit=args.find_limit,
                         )
         finally:
             stub.terminate()

@@ -279,6 +279,7 @@ def test_default_specs_wire_secrets_ports_and_order(
 
     assert list(specs) == ["mlflow", "prefect", "api", "worker", "router"]
     assert specs["api"].depends_on == ("mlflow", "prefect")
+    assert "--workers" not in specs["api"].argv  # one process unless the settings say more
     assert "api" in specs["worker"].depends_on
     mlflow_env = specs["mlflow"].env
     assert mlflow_env["MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY"] == secrets.mlflow_fernet_key
@@ -316,6 +317,12 @@ def test_default_specs_wire_secrets_ports_and_order(
     mismatch = Settings(home=tmp_path, mlflow={"port": 1234})
     with pytest.raises(PermanentError, match="same port"):
         default_specs(mismatch, secrets)
+
+
+def test_api_workers_reach_uvicorn(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, api={"workers": 3})
+    api = next(s for s in default_specs(settings, load_secrets(settings)) if s.name == "api")
+    assert api.argv[api.argv.index("--workers") + 1] == "3"
 
 
 @pytest.mark.e2e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -40,6 +41,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return None if value is None else value.replace(tzinfo=UTC)
 
 
+_BUSY_TIMEOUT_S = 30
+_HOLDS_WRITER = "stagegate_holds_writer"
+
+
 def _sqlite_setup(engine: Engine) -> None:
     # pysqlite's own transaction handling defers BEGIN; take the write lock up front instead,
     # so concurrent writers queue on busy_timeout rather than fail mid-transaction.
@@ -48,15 +53,36 @@ def _sqlite_setup(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+
+    # Writers in this process queue on a lock, which hands over the moment the holder ends:
+    # SQLite's own busy handler polls with sleeps of up to 100 ms, and under load those sleeps
+    # were most of a write's latency. Other processes still meet SQLite's busy timeout; past
+    # that timeout here, a writer goes on without the lock and meets it too.
+    writer = threading.Lock()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # Readers (see `reader`) begin DEFERRED: under WAL they never wait for writers.
-        mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY) else "IMMEDIATE"
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN DEFERRED")
+            return
+        if writer.acquire(timeout=_BUSY_TIMEOUT_S):
+            conn.info[_HOLDS_WRITER] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(conn)
+            raise
+
+    def _release(conn: Any) -> None:
+        if conn.info.pop(_HOLDS_WRITER, False):
+            writer.release()
+
+    event.listen(engine, "commit", _release)
+    event.listen(engine, "rollback", _release)
 
 
 READ_ONLY = "stagegate_read_only"

@@ -72,6 +72,21 @@ class ApiSettings(BaseModel):
     queue_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="A waiting request gets 503 after this long."
     )
+    token_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="How long a verified token is trusted without asking the database: a "
+        "token revoked by another process (`stagegate token revoke`, another worker) is refused "
+        "within this many seconds; expiry holds to the instant. 0 turns the cache off.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="API processes (uvicorn --workers) in the embedded stack. Each has its own "
+        "`max_in_flight` and database pool; the audit chain is ordered by the database's lock.",
+    )
 
     @property
     def url(self) -> str:

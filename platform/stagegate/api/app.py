@@ -29,6 +29,7 @@ from stagegate.api.routers import (
 )
 from stagegate.db import make_engine
 from stagegate.events.sink import EventSink, PrefectEventSink
+from stagegate.governance.tokens import TokenCache
 from stagegate.settings import Settings, get_settings
 from stagegate.ui import UiApp
 
@@ -64,7 +65,9 @@ def create_app(
         docs_url="/api/docs",
         redoc_url=None,
     )
-    app.state.stagegate = AppState(settings=settings, engine=engine, sink=sink)
+    app.state.stagegate = AppState(
+        settings=settings, engine=engine, sink=sink, tokens=TokenCache(settings.api.token_cache_s)
+    )
     errors.install(app)
     app.add_middleware(
         RequestLimits,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from sqlmodel import Session, col, select
 
@@ -167,7 +168,20 @@ def authorship_handling(policy: Policy) -> Authorship:
     return policy.authorship or authorship_default()
 
 
-def author_of(version: ModelVersion, identity: str | None, policy: Policy) -> AuthorFacts:
+class Authored(Protocol):
+    """What `author_of` reads of a version: a `ModelVersion`, or a row of just these columns."""
+
+    @property
+    def creator(self) -> str | None: ...
+    @property
+    def digest(self) -> str | None: ...
+    @property
+    def attested_by(self) -> str | None: ...
+    @property
+    def attested_digest(self) -> str | None: ...
+
+
+def author_of(version: Authored, identity: str | None, policy: Policy) -> AuthorFacts:
     """The version's authors, given the identity its MLflow author is linked to."""
     return AuthorFacts(
         mlflow_user=version.creator,

@@ -1,16 +1,21 @@
 """API tokens: random bearer secrets, stored only as sha256, each carrying one role.
 
-A token may expire; the identities the platform acts under are reserved for it."""
+A token may expire; the identities the platform acts under are reserved for it. The API keeps
+what it verified for a few seconds (`TokenCache`), so most requests skip the token query.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, and_, event, or_
 from sqlmodel import Session, col, select
 
 from stagegate.db import utcnow
@@ -188,6 +193,8 @@ def revoke_token(session: Session, *, name: str, actor: str = "cli") -> int:
     for token in active:
         token.revoked_at = utcnow()
         session.add(token)
+    # Once this commits, no cache in this process may answer for the old tokens.
+    session.info[_REVOKED] = True
     audit.append(
         session,
         actor=actor,
@@ -234,3 +241,85 @@ def authenticate(session: Session, secret: str, *, now: datetime | None = None) 
     if status != "active":
         raise TokenRejected(f"token {status}")
     return Principal(token.name, token.role, token.expires_at)
+
+
+# --- what the API verified, kept briefly ------------------------------------------------------
+
+_REVOKED = "stagegate_token_revoked"
+
+
+class _Revocations:
+    """Bumped after every commit that revoked a token in this process; cache entries verified
+    before the bump are void. Revocations by other processes wait out the cache's TTL."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def bump(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+_revocations = _Revocations()
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop(_REVOKED, False):
+        _revocations.bump()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_REVOKED, None)
+
+
+class TokenCache:
+    """Principals verified within the last `ttl_s` seconds, keyed by the token's sha256.
+
+    Only live tokens are kept, so unknown, revoked and expired secrets always reach the
+    database. The bounds: an expiry holds to the instant (checked on every hit); a revocation
+    committed in this process holds at once; one committed elsewhere (`stagegate token revoke`,
+    another API worker) holds within `ttl_s`. `ttl_s = 0` turns the cache off.
+    """
+
+    def __init__(
+        self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, tuple[Principal, float, int]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, secret: str, now: datetime) -> Principal | None:
+        """The cached principal, or None: the caller must `authenticate` (and `put`)."""
+        if self.ttl_s <= 0:
+            return None
+        key = hash_token(secret)
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        principal, verified_at, generation = hit
+        if (
+            generation != _revocations.count
+            or self._clock() - verified_at >= self.ttl_s
+            or (principal.expires_at is not None and principal.expires_at <= now)
+        ):
+            with self._lock:
+                self._entries.pop(key, None)
+            return None
+        return principal
+
+    def generation(self) -> int:
+        """Read before `authenticate`: a revocation committed meanwhile voids the answer."""
+        return _revocations.count
+
+    def put(self, secret: str, principal: Principal, generation: int) -> None:
+        if self.ttl_s <= 0 or generation != _revocations.count:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()  # only live tokens get here; a full cache just restarts
+            self._entries[hash_token(secret)] = (principal, self._clock(), generation)

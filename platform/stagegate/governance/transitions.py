@@ -131,15 +131,22 @@ def _queue_ahead(session: Session, t: Transition) -> tuple[gates.QueuedFacts, ..
 
 
 def _context(
-    session: Session, t: Transition, version: ModelVersion, now: datetime
+    session: Session,
+    t: Transition,
+    version: ModelVersion,
+    now: datetime,
+    policy: Policy | None = None,
+    author: gates.AuthorFacts | None = None,
 ) -> gates.GateContext:
+    """The world the gates judge. `policy` and `author`, when given, were read in this same
+    transaction (by `decide`), so reading them again would only repeat the queries."""
     champion = versions.holder(session, t.model_name, Stage.production)
     occupant = (
         versions.holder(session, t.model_name, t.to_stage)
         if t.to_stage in EXCLUSIVE and t.to_stage is not Stage.production
         else None
     )
-    policy = get_policy(session, t.model_name)
+    policy = policy or get_policy(session, t.model_name)
     return gates.GateContext(
         from_stage=t.from_stage,
         to_stage=t.to_stage,
@@ -157,15 +164,21 @@ def _context(
         version_alarm=alarms.facts(session, t.model_name, t.version),
         champion_alarm=alarms.facts(session, t.model_name, champion.version) if champion else None,
         queue_ahead=_queue_ahead(session, t),
-        author=identities.author_facts(session, version, policy),
+        author=author or identities.author_facts(session, version, policy),
     )
 
 
 def _evaluate(
-    session: Session, t: Transition, version: ModelVersion, now: datetime, actor: str
+    session: Session,
+    t: Transition,
+    version: ModelVersion,
+    now: datetime,
+    actor: str,
+    policy: Policy | None = None,
+    author: gates.AuthorFacts | None = None,
 ) -> None:
     """Run the gates against the world as it is now; approve the transition if all pass."""
-    results = gates.evaluate(_context(session, t, version, now))
+    results = gates.evaluate(_context(session, t, version, now, policy, author))
     t.gate_results = [{"gate": r.gate, "passed": r.passed, "reason": r.reason} for r in results]
     if gates.all_passed(results):
         t.status, t.decided_at = TransitionStatus.approved, now
@@ -266,7 +279,7 @@ def decide(
     ).first()
     # The same pure verdict the API shows the caller as `allowed_actions`.
     verdict = decisions.verdict(
-        _facts(principal, t, version, policy, author, earlier, now), decision
+        _facts(principal, t, version.stage, policy, author, earlier, now), decision
     )
     if not verdict.allowed:
         refuse = (
@@ -314,14 +327,14 @@ def decide(
             decided_at=now,
         )
         return t
-    _evaluate(session, t, version, now, principal.name)
+    _evaluate(session, t, version, now, principal.name, policy, author)
     return t
 
 
 def _facts(
     principal: Principal,
     t: Transition,
-    version: ModelVersion,
+    version_stage: Stage,
     policy: Policy,
     author: gates.AuthorFacts,
     earlier: Approval | None,
@@ -336,7 +349,7 @@ def _facts(
         version=t.version,
         from_stage=t.from_stage,
         to_stage=t.to_stage,
-        version_stage=version.stage,
+        version_stage=version_stage,
         requested_by=t.requested_by,
         author=author,
         rule=policy.approval_rule(t.from_stage, t.to_stage),
@@ -350,6 +363,17 @@ def _facts(
     )
 
 
+@dataclass(frozen=True)
+class _Listed:
+    """The columns of a version that `allowed_actions` reads (an `identities.Authored`)."""
+
+    stage: Stage
+    creator: str | None
+    digest: str | None
+    attested_by: str | None
+    attested_digest: str | None
+
+
 def allowed_actions(
     session: Session, principal: Principal, rows: Sequence[Transition], now: datetime
 ) -> dict[str, dict[decisions.Decision, decisions.Verdict]]:
@@ -358,14 +382,26 @@ def allowed_actions(
     if not rows:
         return {}
     names = {t.model_name for t in rows}
+    # Only the columns the verdicts read: whole rows would parse every version's metrics.
     found = session.exec(
-        select(ModelVersion).where(
+        select(  # type: ignore[call-overload]  # sqlmodel types up to 4 columns; 7 run fine
+            ModelVersion.model_name,
+            ModelVersion.version,
+            ModelVersion.stage,
+            ModelVersion.creator,
+            ModelVersion.digest,
+            ModelVersion.attested_by,
+            ModelVersion.attested_digest,
+        ).where(
             col(ModelVersion.model_name).in_(sorted(names)),
             col(ModelVersion.version).in_(sorted({t.version for t in rows})),
         )
     ).all()
-    by_key = {(v.model_name, v.version): v for v in found}
-    linked = identities.identities_of(session, {v.creator for v in found if v.creator})
+    by_key = {
+        (name, number): _Listed(Stage(stage), creator, digest, attester, attested)
+        for name, number, stage, creator, digest, attester, attested in found
+    }
+    linked = identities.identities_of(session, {r.creator for r in by_key.values() if r.creator})
     policy_of = policies_for(session, names)
     mine = {
         a.transition_id: a
@@ -378,11 +414,12 @@ def allowed_actions(
     }
     verdicts = {}
     for t in rows:
-        version = by_key[(t.model_name, t.version)]  # a foreign key in spirit: never deleted
+        # A foreign key in spirit: versions are never deleted.
+        version = by_key[(t.model_name, t.version)]
         policy = policy_of[t.model_name]
         identity = linked.get(version.creator) if version.creator else None
         author = identities.author_of(version, identity, policy)
-        facts = _facts(principal, t, version, policy, author, mine.get(t.id), now)
+        facts = _facts(principal, t, version.stage, policy, author, mine.get(t.id), now)
         verdicts[t.id] = decisions.allowed_actions(facts)
     return verdicts
 

@@ -175,6 +175,9 @@ def default_specs(settings: Settings, secrets: StackSecrets) -> list[ServiceSpec
         argv=[
             *(python, "-m", "uvicorn", "stagegate.api.app:create_app", "--factory"),
             *_flags(host=settings.api.host, port=settings.api.port),
+            # Several processes share no memory: the in-flight cap, the pool and the token
+            # cache are per process; the audit chain is ordered by the database's lock.
+            *(_flags(workers=settings.api.workers) if settings.api.workers > 1 else ()),
         ],
         env=app_env,
         health_check=HealthCheck(url=f"{settings.api.url.rstrip('/')}/api/health"),
