@@ -30,7 +30,7 @@ $(TORCH_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP) ui
-	$(BIN)/stagegate demo
+	$(BIN)/stagegate demo --fresh
 
 # The web UI (docs/ui.md): TypeScript in $(UI_WEB), compiled by the locked npm packages into
 # platform/stagegate/ui/static/, which the API mounts at /ui. Rebuilt when a source changes.

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import typer
 from click.testing import Result
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -306,3 +307,24 @@ def test_drift_check_runs_the_flows_step_now_and_says_what_drifted(
     assert outcome["verdict"] == "drift"
     assert outcome["alarm_id"]
     assert cli("drift", "check", "nobody").exit_code == 1
+
+
+def test_demo_fresh_forgets_the_embedded_home_and_nothing_else(tmp_path: Path) -> None:
+    from stagegate.cli import _forget_embedded_state
+
+    home = tmp_path / "home"
+    (home / "mlflow").mkdir(parents=True)
+    (home / "governance.db").write_text("a previous demo's state")
+    _forget_embedded_state(Settings(home=home))
+    assert not home.exists()
+    assert tmp_path.exists()  # only the home goes
+
+    (home / "mlflow").mkdir(parents=True)
+    server_db = {"url": "postgresql+psycopg://db.example/stagegate"}
+    for refused in (
+        Settings(home=home, db=server_db),
+        Settings(home=home, mode="prod", db=server_db, webhook={"secret": "s" * 32}),
+    ):
+        with pytest.raises(typer.Exit):
+            _forget_embedded_state(refused)
+        assert (home / "mlflow").is_dir()  # refused: nothing deleted

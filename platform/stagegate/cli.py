@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -331,17 +332,43 @@ def drift_check(
 
 
 @app.command()
+def _forget_embedded_state(settings: Settings) -> None:
+    """The demo's story needs an empty registry: a second run would find its versions."""
+    if settings.mode == "prod" or settings.db.url is not None:
+        err.print(
+            "[red]--fresh deletes embedded state only: "
+            "not in prod mode, nor with STAGEGATE_DB__URL set[/]"
+        )
+        raise typer.Exit(2)
+    from stagegate import stack
+
+    stack.down(settings)
+    if settings.home.exists():
+        shutil.rmtree(settings.home)
+        console.print(f"fresh start: stopped the stack and removed {settings.home}")
+
+
 def demo(
     exit_: Annotated[
         bool, typer.Option("--exit", help="Stop the stack after; exit 0 on success.")
     ] = False,
     model: Annotated[str, typer.Option(help="Registered model name to use.")] = "demo-fraud",
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Stop the embedded stack and delete its home first (dev mode, embedded "
+            "database only), so the demo starts from nothing, as `make demo` does.",
+        ),
+    ] = False,
 ) -> None:
     """Train, register v1 and v2 with MLflow's client, and approve both into production."""
     from stagegate import stack
     from stagegate.demo import Demo, DemoFailed
 
     settings = get_settings()
+    if fresh:
+        _forget_embedded_state(settings)
     # Demo-sized traffic: feature rows reach the drift monitor within seconds, not minutes.
     fast = settings.serving.model_copy(update={"log_features_flush_interval_s": 1.0})
     settings = settings.model_copy(update={"serving": fast})
