@@ -328,3 +328,9 @@ def test_demo_fresh_forgets_the_embedded_home_and_nothing_else(tmp_path: Path) -
         with pytest.raises(typer.Exit):
             _forget_embedded_state(refused)
         assert (home / "mlflow").is_dir()  # refused: nothing deleted
+
+
+def test_demo_is_a_command_with_fresh() -> None:
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--fresh" in result.output

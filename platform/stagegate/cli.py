@@ -331,7 +331,6 @@ def drift_check(
         raise typer.Exit(3)  # scripts can tell drift from a clean check
 
 
-@app.command()
 def _forget_embedded_state(settings: Settings) -> None:
     """The demo's story needs an empty registry: a second run would find its versions."""
     if settings.mode == "prod" or settings.db.url is not None:
@@ -348,6 +347,7 @@ def _forget_embedded_state(settings: Settings) -> None:
         console.print(f"fresh start: stopped the stack and removed {settings.home}")
 
 
+@app.command()
 def demo(
     exit_: Annotated[
         bool, typer.Option("--exit", help="Stop the stack after; exit 0 on success.")
