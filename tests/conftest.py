@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel
 
@@ -39,11 +39,32 @@ _SPAWN_EVENTS = frozenset(
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    grouping = config.pluginmanager.hasplugin("xdist")
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("e2e") or uses & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.slow)
+        group = xdist_group(item, uses) if grouping else None
+        if group and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# -- pytest-xdist: `make test` runs `-n 2 --dist loadgroup` ----------------------------------
+# A test in no group goes to whichever worker is free; a group runs whole, in order, on one
+# worker. So a session process fixture starts once per run (its users share one group), and a
+# slow module's module-scoped processes start once (its tests are grouped by module). Fast
+# tests stay ungrouped: they spread evenly and fill the end of the run.
+
+
+def xdist_group(item: pytest.Item, uses: set[str]) -> str | None:
+    """The group a test runs in under `--dist loadgroup`, or None for any free worker."""
+    if shared := sorted(uses & PROCESS_FIXTURES):
+        return "+".join(shared)
+    if item.get_closest_marker("slow"):
+        return item.path.stem
+    return None
 
 
 class ProcessInFastTest(RuntimeError):
@@ -94,24 +115,58 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     return result
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def migrated_engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    """One migrated database per backend for the whole run (migrations run for real)."""
-    if request.param == "sqlite":
+def worker_database(base_url: str) -> str:
+    """`base_url` for a lone run; under pytest-xdist, a database of this worker's own beside it
+    (created when missing), so that parallel workers never empty each other's tables."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...: set in xdist's workers
+    if not worker:
+        return base_url
+    base = make_url(base_url)
+    name = f"{base.database}_{worker}"
+    admin = make_engine(base_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}):
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def _migrated(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    if backend == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'governance.db'}"
     else:
         assert PG_URL is not None
-        url = PG_URL
+        url = worker_database(PG_URL)
         scratch = make_engine(url)
         with scratch.begin() as conn:  # a previous run may have left tables
             conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         scratch.dispose()
     upgrade(url)
-    engine = make_engine(url)
-    yield engine
-    engine.dispose()
+    return make_engine(url)
+
+
+@pytest.fixture(scope="session")
+def _databases() -> Iterator[dict[str, Engine]]:
+    """The migrated databases by backend, kept for the whole run: pytest tears a parametrized
+    session fixture down whenever the next test wants the other param, which happens often
+    under xdist (a worker's tests come in the scheduler's order, not sorted by backend)."""
+    engines: dict[str, Engine] = {}
+    yield engines
+    for engine in engines.values():
+        engine.dispose()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def migrated_engine(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    _databases: dict[str, Engine],
+) -> Engine:
+    """One migrated database per backend for the whole run (migrations run for real)."""
+    backend: str = request.param
+    if backend not in _databases:
+        _databases[backend] = _migrated(backend, tmp_path_factory)
+    return _databases[backend]
 
 
 @pytest.fixture
