@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -39,16 +42,13 @@ _SPAWN_EVENTS = frozenset(
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    grouping = config.pluginmanager.hasplugin("xdist")
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("e2e") or uses & PROCESS_FIXTURES:
             item.add_marker(pytest.mark.slow)
-        group = xdist_group(item, uses) if grouping else None
-        if group and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(group))
+    _share_xdist_groups(config, items)
 
 
 # -- pytest-xdist: `make test` runs `-n 2 --dist loadgroup` ----------------------------------
@@ -56,15 +56,81 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # worker. So a session process fixture starts once per run (its users share one group), and a
 # slow module's module-scoped processes start once (its tests are grouped by module). Fast
 # tests stay ungrouped: they spread evenly and fill the end of the run.
+#
+# pytest-xdist 3.8's own loadgroup renames nodeids to carry the group, which pytest 9.2 no
+# longer lets a plugin do, so it silently schedules test by test. Here the workers write the
+# groups to a file when they collect, and the controller's scheduler reads them from it.
 
 
 def xdist_group(item: pytest.Item, uses: set[str]) -> str | None:
     """The group a test runs in under `--dist loadgroup`, or None for any free worker."""
+    if marker := item.get_closest_marker("xdist_group"):  # a test may still name its own
+        return str(marker.args[0] if marker.args else marker.kwargs.get("name", "default"))
     if shared := sorted(uses & PROCESS_FIXTURES):
         return "+".join(shared)
     if item.get_closest_marker("slow"):
         return item.path.stem
     return None
+
+
+_GROUPS_KEY = "stagegate_xdist_groups"  # in each worker's `workerinput`: the groups file
+_GROUPS_PATH = pytest.StashKey[Path]()
+
+
+def _groups_path(config: pytest.Config) -> Path:
+    if _GROUPS_PATH not in config.stash:
+        folder = Path(tempfile.mkdtemp(prefix="stagegate-xdist-"))
+        config.stash[_GROUPS_PATH] = folder / "groups.json"
+    return config.stash[_GROUPS_PATH]
+
+
+def _share_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a worker, write {nodeid: group}; every worker collects the same, so the last write
+    (atomic) wins and the controller reads the same groups whichever it was."""
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is None or _GROUPS_KEY not in workerinput:
+        return
+    groups = {
+        item.nodeid: group
+        for item in items
+        if (group := xdist_group(item, set(getattr(item, "fixturenames", ()))))
+    }
+    path = Path(workerinput[_GROUPS_KEY])
+    partial = path.with_name(f"{path.name}.{workerinput['workerid']}")
+    partial.write_text(json.dumps(groups))
+    partial.replace(path)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: known only while xdist is installed
+def pytest_configure_node(node: Any) -> None:
+    node.workerinput[_GROUPS_KEY] = str(_groups_path(node.config))
+
+
+@pytest.hookimpl(optionalhook=True)  # runs before xdist's own (trylast) scheduler factory
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    path = _groups_path(config)
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's loadgroup, with the groups from the workers' file. Scopes are sent
+        largest first, so the groups start early and the single tests come last."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # first asked once every worker has collected
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _GROUPS_PATH in config.stash:
+        shutil.rmtree(config.stash[_GROUPS_PATH].parent, ignore_errors=True)
 
 
 class ProcessInFastTest(RuntimeError):

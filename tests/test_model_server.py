@@ -49,7 +49,7 @@ from tests.fixtures.mlflow_server import MlflowServer, free_port
 
 COLUMNS = [f"f{i}" for i in range(20)]
 MAX_BODY = 1_000_000
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 180.0  # two servers and an in-process load at once, on a busy 2-core machine
 STOP_TIMEOUT_S = 20.0
 JSON = {"content-type": "application/json"}
 
