@@ -9,7 +9,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def xdist_group(item: pytest.Item, uses: set[str]) -> str | None:
 
 _GROUPS_KEY = "stagegate_xdist_groups"  # in each worker's `workerinput`: the groups file
 _GROUPS_PATH = pytest.StashKey[Path]()
+_REPEAT = "\x00"  # joins a repeated nodeid to its count: no nodeid contains it
 
 
 def _groups_path(config: pytest.Config) -> Path:
@@ -120,10 +122,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
         groups: dict[str, str] | None = None
 
+        def add_node_collection(self, node: Any, collection: Sequence[str]) -> None:
+            # Scopes hold tests by nodeid, and schemathesis (4.32, under pytest 9.2) gives all
+            # of test_fuzz_api's operation tests one nodeid: all but one would never run.
+            # Repeats get a numbered suffix (the same on every worker, which collect alike).
+            seen: Counter[str] = Counter()
+            unique = []
+            for nodeid in collection:
+                seen[nodeid] += 1
+                unique.append(nodeid if seen[nodeid] == 1 else f"{nodeid}{_REPEAT}{seen[nodeid]}")
+            super().add_node_collection(node, unique)
+
         def _split_scope(self, nodeid: str) -> str:
             if self.groups is None:  # first asked once every worker has collected
                 self.groups = json.loads(path.read_text()) if path.exists() else {}
-            return self.groups.get(nodeid, nodeid)
+            return self.groups.get(nodeid.split(_REPEAT, maxsplit=1)[0], nodeid)
 
     return GroupScheduling(config, log)
 
