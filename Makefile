@@ -82,9 +82,12 @@ imports: $(STAMP)
 helm-bin: $(STAMP)
 	sh helm/install-helm.sh $(VENV)
 
+# The suite runs on PYTEST_WORKERS pytest-xdist workers (0: in this one process), grouped as
+# tests/conftest.py says (`--dist loadgroup`).
+PYTEST_WORKERS ?= 2
 pytest: $(STAMP) $(TORCH_STAMP) debs helm-bin ui browser
 	@url=$$(tests/support/postgres.sh start $(PG_DIR) $(PG_PORT)) || exit 1; \
-	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	STAGEGATE_TEST_PG_URL=$$url $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	tests/support/postgres.sh stop $(PG_DIR); exit $$rc
 
 test: lint typecheck imports pytest

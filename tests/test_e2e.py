@@ -6,6 +6,8 @@ Register with MLflow's client -> webhook -> Prefect event -> intake flow opens a
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from stagegate.settings import (
     Settings,
 )
 from tests.fixtures.mlflow_server import free_port, register_sklearn_model
+from tests.waits import gone
 from tests.waits import wait_for as _wait_for
 
 pytestmark = pytest.mark.e2e
@@ -377,3 +380,40 @@ def test_status_reports_every_service_and_down_leaves_nothing(live: Settings) ->
     assert set(statuses) == {"mlflow", "prefect", "api", "worker", "router"}
     assert all(s.healthy and s.pid for s in statuses.values()), statuses
     assert Path(statuses["api"].log).exists()
+
+
+def test_the_watchdog_brings_a_killed_api_back_and_down_stops_it_first(live: Settings) -> None:
+    """`stagegate up` (embedded.start) leaves a watchdog that brings a SIGKILLed API back.
+    Last here, on this module's stack (a stack of its own took a minute more to start)."""
+    health = f"{live.api.url}/api/health"
+
+    def api_back(old_pid: int) -> bool:
+        now = stack.status(live)["api"]
+        if not now.running or now.pid == old_pid:
+            return False
+        try:
+            return httpx.get(health, trust_env=False, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    dog = stack.watchdog_status(live)
+    assert dog.running
+    assert dog.pid is not None
+    before = stack.status(live)["api"]
+    assert before.pid is not None
+    assert before.restarts == 0
+
+    os.killpg(before.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for("the API to answer again", lambda: api_back(before.pid or 0))
+    print(f"API answering again {time.monotonic() - killed_at:.1f} s after SIGKILL")
+
+    after = stack.status(live)
+    assert after["api"].restarts == 1
+    assert after["api"].healthy
+    assert all(after[n].restarts == 0 for n in ("mlflow", "prefect", "worker", "router"))
+
+    stopped = stack.down(live)
+    assert stopped[0] == "watchdog"
+    assert {"mlflow", "prefect", "api", "worker", "router"} <= set(stopped)
+    assert gone(dog.pid)

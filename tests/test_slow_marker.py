@@ -3,6 +3,8 @@ one fails, so `pytest -m "not slow"` stays a fast inner loop that starts nothing
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,17 @@ def test_process_tests_are_marked_and_unmarked_ones_are_refused(inner: pytest.Py
     assert "starts a process (subprocess.Popen ['true']) but is not marked slow" in out
     assert "test_fast_spawn_swallowed tried to start a process" in out
     assert "os.system" in out
+
+
+def test_this_run_refuses_a_process_in_a_fast_test() -> None:
+    """The guard is live in the process running this very test (under `make test`, a
+    pytest-xdist worker: its tests run on the main thread, which the guard watches)."""
+    from tests import conftest  # the suite's own conftest, as pytest loaded it
+
+    assert threading.current_thread() is threading.main_thread()
+    try:
+        with pytest.raises(conftest.ProcessInFastTest, match="is not marked slow"):
+            subprocess.run(["true"], check=True)
+        assert conftest._guard.refused == ["subprocess.Popen ['true']"]
+    finally:
+        conftest._guard.refused.clear()  # refused on purpose: not a failure of this test

@@ -18,7 +18,6 @@ import pytest
 from cryptography.fernet import Fernet
 
 import stagegate
-from stagegate import embedded
 from stagegate.errors import InvalidInput, PermanentError
 from stagegate.settings import Settings
 from stagegate.stack import (
@@ -29,13 +28,12 @@ from stagegate.stack import (
     load_secrets,
     status,
     up,
-    watchdog_status,
     worker_ready_file,
 )
 from stagegate.stack.specs import venv_bin
 from stagegate.supervise.procfs import group_members, proc_stat, rss_bytes
 from tests.fixtures.mlflow_server import free_port
-from tests.waits import gone, wait_for
+from tests.waits import gone
 
 PY = sys.executable
 
@@ -354,50 +352,3 @@ def test_real_mlflow_and_prefect_start_and_stop_cleanly(tmp_path: Path) -> None:
         stopped = down(settings)
     assert sorted(stopped) == ["mlflow", "prefect"]
     assert all(gone(p) for p in members)
-
-
-@pytest.mark.e2e
-def test_up_watches_the_stack_a_killed_api_answers_again(tmp_path: Path) -> None:
-    """`stagegate up` (embedded.start) leaves a watchdog that brings a SIGKILLed API back."""
-    mlflow_port, prefect_port, api_port = free_port(), free_port(), free_port()
-    settings = Settings(
-        home=tmp_path / "home",
-        mlflow={"port": mlflow_port, "tracking_uri": f"http://127.0.0.1:{mlflow_port}"},
-        prefect={"port": prefect_port, "api_url": f"http://127.0.0.1:{prefect_port}/api"},
-        api={"port": api_port},
-        serving={"router_port": free_port(), "device": "cpu"},
-    )
-    health = f"{settings.api.url}/api/health"
-
-    def api_back(old_pid: int) -> bool:
-        now = status(settings)["api"]
-        if not now.running or now.pid == old_pid:
-            return False
-        try:
-            return httpx.get(health, trust_env=False, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        embedded.start(settings, timeout_s=240)
-        dog = watchdog_status(settings)
-        assert dog.running
-        before = status(settings)["api"]
-        assert before.pid is not None
-        assert before.restarts == 0
-
-        os.killpg(before.pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        wait_for("the API to answer again", lambda: api_back(before.pid or 0), 90, 0.25)
-        print(f"API answering again {time.monotonic() - killed_at:.1f} s after SIGKILL")
-
-        after = status(settings)
-        assert after["api"].restarts == 1
-        assert after["api"].healthy
-        assert all(after[n].restarts == 0 for n in ("mlflow", "prefect", "worker", "router"))
-    finally:
-        stopped = down(settings)
-    assert stopped[0] == "watchdog"
-    assert {"mlflow", "prefect", "api", "worker", "router"} <= set(stopped)
-    assert dog.pid is not None
-    assert gone(dog.pid)
