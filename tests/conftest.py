@@ -25,7 +25,7 @@ from stagegate.api.app import create_app
 from stagegate.db import make_engine
 from stagegate.events.sink import MemorySink
 from stagegate.migrate import upgrade
-from stagegate.settings import Settings
+from stagegate.settings import Settings, get_settings
 from tests.factories import Factory
 
 pytest_plugins = ["tests.fixtures.mlflow_server", "pytester"]  # pytester: test_slow_marker.py
@@ -263,6 +263,14 @@ def engine(migrated_engine: Engine) -> Iterator[Engine]:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home")
+
+
+@pytest.fixture
+def fresh_settings() -> Iterator[None]:
+    """`get_settings()` reads the environment again, before and after the test."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ approvals wait for an authenticated attestation and the attester may not approve
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -350,13 +350,6 @@ def test_the_approvals_gate_waits_for_an_attestation_into_service_only() -> None
     assert not _gate(attested, Stage.shadow, "alice").passed  # the attester's is ignored
     registry = AuthorFacts(DANA_LOGIN, "dana", "block", "registry")
     assert _gate(registry, Stage.shadow, "bob").passed
-
-
-@pytest.fixture
-def fresh_settings() -> Iterator[None]:
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 def test_a_policy_that_says_nothing_attests_in_prod_and_trusts_the_registry_in_dev(

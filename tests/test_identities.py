@@ -4,7 +4,7 @@ unmapped authors by policy, the one-decision rule across expiry, and the demo's 
 from __future__ import annotations
 
 import getpass
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -330,13 +330,6 @@ def test_the_approvals_gate_maps_the_author() -> None:
     assert nameless.reason.startswith("the version records no MLflow author")
     assert "warning" in _gate(AuthorFacts(LOGIN, None, "warn"), "bob").reason
     assert _gate(None, "bob").passed  # without author facts: the raw name only, as before
-
-
-@pytest.fixture
-def fresh_settings() -> Iterator[None]:
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 def test_a_policy_that_says_nothing_blocks_in_prod_and_warns_in_dev(

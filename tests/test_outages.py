@@ -167,6 +167,27 @@ def _approvals(engine: Engine, tid: str) -> dict[str, int]:
 
 
 @pytest.mark.slow
+def _pending_with_two_approvals(engine: Engine, *, version: int) -> str:
+    """fraud `version` -> shadow, requested, under a policy that wants two approvals."""
+    with transaction(engine) as s:
+        policy = default_policy()
+        raised = [
+            r.model_copy(update={"required": 2}) if Stage.shadow in r.to_stages else r
+            for r in policy.approvals
+        ]
+        policies.set_policy(s, "fraud", policy.model_copy(update={"approvals": raised}), actor="t")
+        pending, _ = transitions.request(
+            s,
+            principal=Principal("erin", Role.author),
+            model="fraud",
+            version=version,
+            to_stage=Stage.shadow,
+            reason="ready",
+            now=utcnow(),
+        )
+    return pending.id
+
+
 def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alone(
     postgres: Postgres, tmp_path: Path
 ) -> None:
@@ -180,24 +201,8 @@ def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alon
         "root": factory.token("root", "admin"),
     }
     factory.version("fraud", 1)
-    with transaction(engine) as s:
-        # Two approvals, so the transition is still pending after the first one.
-        policy = default_policy()
-        raised = [
-            r.model_copy(update={"required": 2}) if Stage.shadow in r.to_stages else r
-            for r in policy.approvals
-        ]
-        policies.set_policy(s, "fraud", policy.model_copy(update={"approvals": raised}), actor="t")
-        pending, _ = transitions.request(
-            s,
-            principal=Principal("erin", Role.author),
-            model="fraud",
-            version=1,
-            to_stage=Stage.shadow,
-            reason="ready",
-            now=utcnow(),
-        )
-    tid = pending.id
+    # Two approvals, so the transition is still pending after the first one.
+    tid = _pending_with_two_approvals(engine, version=1)
     approve = {"decision": "approve", "comment": "looks fine"}
     decide_url = f"/api/v1/transitions/{tid}/approvals"
 
@@ -721,23 +726,8 @@ def test_a_database_cut_inside_an_approval_or_an_apply_writes_nothing_and_a_retr
     factory.version("fraud", 1)
     factory.place("fraud", 1, Stage.production)  # the champion the shadow move sits beside
     factory.version("fraud", 2)
-    with transaction(engine) as s:
-        policy = default_policy()
-        raised = [  # two approvals: the acknowledged first one must survive the cuts
-            r.model_copy(update={"required": 2}) if Stage.shadow in r.to_stages else r
-            for r in policy.approvals
-        ]
-        policies.set_policy(s, "fraud", policy.model_copy(update={"approvals": raised}), actor="t")
-        pending, _ = transitions.request(
-            s,
-            principal=Principal("erin", Role.author),
-            model="fraud",
-            version=2,
-            to_stage=Stage.shadow,
-            reason="ready",
-            now=utcnow(),
-        )
-    tid = pending.id
+    # Two approvals: the acknowledged first one must survive the cuts.
+    tid = _pending_with_two_approvals(engine, version=2)
     decide_url = f"/api/v1/transitions/{tid}/approvals"
     approve = {"decision": "approve", "comment": "fine"}
     cuts: dict[str, list[str]] = {"approval": [], "apply": []}
