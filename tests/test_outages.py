@@ -166,7 +166,6 @@ def _approvals(engine: Engine, tid: str) -> dict[str, int]:
     return {str(who): int(n) for who, n in rows}
 
 
-@pytest.mark.slow
 def _pending_with_two_approvals(engine: Engine, *, version: int) -> str:
     """fraud `version` -> shadow, requested, under a policy that wants two approvals."""
     with transaction(engine) as s:
@@ -188,6 +187,7 @@ def _pending_with_two_approvals(engine: Engine, *, version: int) -> str:
     return pending.id
 
 
+@pytest.mark.slow
 def test_a_database_outage_answers_503_loses_no_acked_approval_and_recovers_alone(
     postgres: Postgres, tmp_path: Path
 ) -> None:
