@@ -530,18 +530,12 @@ def prepare(w: World, start: str) -> Start:
     client = MlflowClient(w.mlflow.url)
     for other in client.search_registered_models():  # the other flows' models: out of the way
         client.delete_registered_model(other.name)
-    w.use(w.dbs.copy("kill_empty", f"kill_{start.replace('-', '_')}"))
+    template = f"kill_{start.replace('-', '_')}"
+    w.use(w.dbs.copy("kill_empty", template))
     flow, args = STARTS[start](w, model)
     w.engine.dispose()  # a template must have no one connected
-    versions = len(MlflowClient(w.mlflow.url).search_model_versions(f"name = '{model}'"))
-    return Start(
-        model,
-        flow,
-        args,
-        w.db_url.rsplit("/", 1)[1].removesuffix(".db"),
-        versions,
-        copy.deepcopy(w.kube.fake.objects),
-    )
+    registered = len(client.search_model_versions(f"name = '{model}'"))
+    return Start(model, flow, args, template, registered, copy.deepcopy(w.kube.fake.objects))
 
 
 def restore(w: World, s: Start, name: str) -> None:
