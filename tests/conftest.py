@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -290,19 +291,28 @@ def factory(engine: Engine) -> Factory:
     return Factory(engine)
 
 
-@pytest.fixture
-def live_api_url(settings: Settings, engine: Engine) -> Iterator[str]:
+@contextlib.contextmanager
+def live_api(settings: Settings, engine: Engine, sink: MemorySink | None = None) -> Iterator[str]:
     """The API on a real socket (uvicorn in a thread), for clients that are real processes."""
     from tests.fixtures.mlflow_server import free_port  # a plugin: registered, then imported
 
     port = free_port()
-    app = create_app(settings, engine=engine, sink=MemorySink())
+    app = create_app(settings, engine=engine, sink=sink or MemorySink())
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    assert server.started, "the API did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_api_url(settings: Settings, engine: Engine) -> Iterator[str]:
+    with live_api(settings, engine) as url:
+        yield url

@@ -31,12 +31,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import create_engine, event, literal_column, select, table, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
-from stagegate.api.app import create_app
 from stagegate.db import make_engine, transaction, utcnow
 from stagegate.errors import RetryableError
 from stagegate.events.signature import sign
@@ -54,6 +52,7 @@ from stagegate.steps.apply import apply_transition
 from stagegate.steps.converge import DataPlane
 from stagegate.steps.intake import intake
 from stagegate.steps.reconcile import reconcile
+from tests.conftest import live_api
 from tests.factories import Factory
 from tests.fakes import FakeBackend, FakeRegistry
 from tests.fixtures import mlflow_server as mlflow_fixture
@@ -126,25 +125,6 @@ def postgres() -> Iterator[Postgres]:
         yield Postgres(directory, port, done.stdout.strip())
     finally:
         subprocess.run([str(PG_SCRIPT), "stop", str(directory)], check=False, timeout=60)
-
-
-@contextlib.contextmanager
-def live_api(settings: Settings, engine: Engine, sink: MemorySink | None = None) -> Iterator[str]:
-    """The API on a real socket (uvicorn in a thread), as tests/conftest.py `live_api_url`."""
-    port = mlflow_fixture.free_port()
-    app = create_app(settings, engine=engine, sink=sink or MemorySink())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the API did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _assert_unavailable(response: httpx.Response, what: str) -> None:
